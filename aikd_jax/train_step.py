@@ -1,0 +1,263 @@
+"""The jitted, data-parallel AI-KD train step and the prediction step.
+
+Both are pure functions written per device and mapped over the 1-D `data`
+mesh with `jax.shard_map` inside `jax.jit` (the successor of `jax.pmap`).
+One forward pass of the student at the current (theta, phi) gives the
+gradients of both the student and the discriminator; both states and the
+prediction bank are updated in the same step, and their buffers are donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from aikd_jax import augment as augment_lib
+from aikd_jax import losses
+from aikd_jax.banks import DATA_AXIS
+from aikd_jax.objective import Objective
+
+
+class StudentState(train_state.TrainState):
+  """A classifier's TrainState: parameters, optimiser state, BN statistics."""
+
+  batch_stats: Any = None
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+@flax.struct.dataclass
+class TrainCarry:
+  """Everything the step updates (and donates): both states and the bank."""
+
+  student: StudentState
+  discriminator: train_state.TrainState
+  prediction_bank: jax.Array
+
+
+@flax.struct.dataclass
+class StepData:
+  """What the step reads but never writes.
+
+  images/labels/teacher_bank: rows by example id, sharded over `data`.
+  epoch_order: each device's local rows in this epoch's order (banks.py).
+  teacher_variables: the frozen teacher, used only with an online teacher.
+  """
+
+  images: jax.Array
+  labels: jax.Array
+  teacher_bank: jax.Array
+  epoch_order: jax.Array
+  teacher_variables: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static settings of a train step (hashable)."""
+
+  objective: Objective
+  num_classes: int
+  num_epochs: int
+  steps_per_epoch: int
+  per_device_batch: int
+  rows_per_device: int
+  seed: int
+  crop_padding: int
+  flip: bool
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  sync_batch_norm: bool = True
+
+
+def create_student_state(model: nn.Module, image_shape: tuple[int, ...],
+                         tx: optax.GradientTransformation,
+                         key: jax.Array) -> StudentState:
+  """Initialises a classifier and its optimiser state (float32 params)."""
+  variables = model.init(key, jnp.zeros((1,) + tuple(image_shape)),
+                         train=False)
+  return StudentState.create(apply_fn=model.apply,
+                             params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}))
+
+
+def create_discriminator_state(discriminator: nn.Module, num_classes: int,
+                               tx: optax.GradientTransformation,
+                               key: jax.Array) -> train_state.TrainState:
+  params = discriminator.init(key, jnp.zeros((1, num_classes)))["params"]
+  return train_state.TrainState.create(apply_fn=discriminator.apply,
+                                       params=params, tx=tx)
+
+
+def augmentation_key(seed: int, step: jax.Array) -> jax.Array:
+  """The step's augmentation key; each example folds in its own id."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def _local_train_step(carry: TrainCarry, data: StepData, *,
+                      config: StepConfig, model: nn.Module,
+                      discriminator: nn.Module,
+                      teacher_model: nn.Module | None,
+                      learning_rate: optax.Schedule):
+  """One step on one device's shard; collectives average across devices."""
+  obj = config.objective
+  student, disc = carry.student, carry.discriminator
+  step = student.step
+  epoch = step // config.steps_per_epoch
+  batch = config.per_device_batch
+  start = (step % config.steps_per_epoch) * batch
+  rows = lax.dynamic_slice_in_dim(data.epoch_order, start, batch)
+  ids = rows + lax.axis_index(DATA_AXIS) * config.rows_per_device
+
+  images = augment_lib.augment(
+      data.images[rows], ids, augmentation_key(config.seed, step),
+      pad=config.crop_padding, flip=config.flip, mean=config.mean,
+      std=config.std)
+  labels = data.labels[rows]
+
+  if obj.uses_teacher:
+    if obj.teacher_mode == "online":
+      teacher_logits = teacher_model.apply(
+          data.teacher_variables, images, train=False)
+    else:
+      teacher_logits = data.teacher_bank[rows]
+    teacher_logits = lax.stop_gradient(teacher_logits.astype(jnp.float32))
+
+  alpha = losses.alpha_at(epoch, obj.alpha_T, config.num_epochs)
+  previous = carry.prediction_bank[rows].astype(jnp.float32)
+  targets = losses.progressive_targets(labels, previous, alpha,
+                                       config.num_classes,
+                                       obj.label_smoothing)
+
+  def objective_fn(params, disc_params):
+    logits, model_updates = model.apply(
+        {"params": params, "batch_stats": student.batch_stats}, images,
+        train=True, mutable=["batch_stats"])
+    logits = logits.astype(jnp.float32)
+    terms = {"prog": losses.soft_cross_entropy(logits, targets).mean()}
+    student_loss = terms["prog"]
+    probs = jax.nn.softmax(logits)
+    aux = {}
+    if obj.lambda_det > 0:
+      terms["det"] = losses.distillation_kl(logits, teacher_logits,
+                                            obj.temperature).mean()
+      student_loss += obj.lambda_det * terms["det"]
+    disc_loss = 0.0
+    if obj.uses_discriminator:
+      # The student's term sees phi as a constant; the discriminator's term
+      # sees the student's probabilities as constants: one backward pass of
+      # the sum gives each model exactly its own gradient.
+      fooled = discriminator.apply({"params": lax.stop_gradient(disc_params)},
+                                   probs)
+      terms["adv"] = losses.generator_loss(fooled).mean()
+      student_loss += obj.lambda_adv * terms["adv"]
+      real = discriminator.apply({"params": disc_params},
+                                 jax.nn.softmax(teacher_logits))
+      fake = discriminator.apply({"params": disc_params},
+                                 lax.stop_gradient(probs))
+      terms["disc"] = losses.discriminator_loss(real, fake).mean()
+      disc_loss = terms["disc"]
+      aux["disc_real_acc"] = jnp.mean(real > 0)
+      aux["disc_fake_acc"] = jnp.mean(fake < 0)
+    terms["student"] = student_loss
+    aux["train_acc"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return student_loss + disc_loss, (terms, aux, probs, model_updates)
+
+  grad_fn = jax.grad(objective_fn, argnums=(0, 1), has_aux=True)
+  (grads, disc_grads), (terms, aux, probs, model_updates) = grad_fn(
+      student.params, disc.params)
+
+  grads = lax.pmean(grads, DATA_AXIS)
+  batch_stats = model_updates["batch_stats"]
+  if not config.sync_batch_norm:
+    # Per-device statistics (PS-KD's DataParallel behaviour) are averaged
+    # after the update so that the replicated state stays identical.
+    batch_stats = lax.pmean(batch_stats, DATA_AXIS)
+  new_student = student.apply_gradients(grads=grads, batch_stats=batch_stats)
+  new_disc = disc
+  if obj.uses_discriminator:
+    new_disc = disc.apply_gradients(grads=lax.pmean(disc_grads, DATA_AXIS))
+
+  bank = carry.prediction_bank
+  if obj.uses_progressive:
+    # Train-mode softmax of the augmented view, before the update (PS-KD).
+    bank = bank.at[rows].set(
+        lax.stop_gradient(probs).astype(bank.dtype))
+
+  metrics = {**{f"loss/{k}": v for k, v in terms.items()},
+             **{f"train/{k}": v for k, v in aux.items()}}
+  metrics = lax.pmean(metrics, DATA_AXIS)
+  metrics["train/learning_rate"] = jnp.asarray(learning_rate(step),
+                                               jnp.float32)
+  metrics["train/alpha"] = jnp.asarray(alpha, jnp.float32)
+  return TrainCarry(new_student, new_disc, bank), metrics
+
+
+def make_train_step(mesh: jax.sharding.Mesh, config: StepConfig, *,
+                    model: nn.Module, discriminator: nn.Module,
+                    learning_rate: optax.Schedule,
+                    teacher_model: nn.Module | None = None,
+                    wrap_local_step: Callable | None = None):
+  """Returns jitted `step(carry, data) -> (carry, metrics)`; carry donated.
+
+  Args:
+    mesh: 1-D mesh with axis 'data'.
+    config: static step settings.
+    model / discriminator / teacher_model: Flax modules (the teacher only for
+      an online teacher).
+    learning_rate: the student's schedule, for logging.
+    wrap_local_step: optional decorator for the per-device function (tests
+      pass `chex.assert_max_traces(n=1)` to prove it never retraces).
+  """
+  local = lambda carry, data: _local_train_step(
+      carry, data, config=config, model=model, discriminator=discriminator,
+      teacher_model=teacher_model, learning_rate=learning_rate)
+  if wrap_local_step is not None:
+    local = wrap_local_step(local)
+  sharded = P(DATA_AXIS)
+  carry_spec = TrainCarry(student=P(), discriminator=P(),
+                          prediction_bank=sharded)
+  data_spec = StepData(images=sharded, labels=sharded, teacher_bank=sharded,
+                       epoch_order=sharded, teacher_variables=P())
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=(carry_spec, data_spec),
+                         out_specs=(carry_spec, P()))
+  return jax.jit(mapped, donate_argnums=(0,))
+
+
+def make_predict_fn(mesh: jax.sharding.Mesh, model: nn.Module, *,
+                    batch_per_device: int, mean: tuple[float, ...],
+                    std: tuple[float, ...]):
+  """Returns jitted `predict(variables, images) -> logits`, eval mode.
+
+  `images` (uint8, rows sharded over `data`) are normalised, not augmented;
+  each device runs its rows in chunks of `batch_per_device` with lax.map, so
+  one call covers a whole split and compiles once.
+  """
+
+  def local(variables, images):
+    rows = images.shape[0]
+    chunks = -(-rows // batch_per_device)
+    padded = jnp.pad(images, [(0, chunks * batch_per_device - rows)] +
+                     [(0, 0)] * (images.ndim - 1))
+    padded = padded.reshape((chunks, batch_per_device) + images.shape[1:])
+
+    def run(chunk):
+      x = augment_lib.normalize(chunk, mean, std)
+      return model.apply(variables, x, train=False).astype(jnp.float32)
+
+    logits = lax.map(run, padded)
+    return logits.reshape((-1, logits.shape[-1]))[:rows]
+
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                         out_specs=P(DATA_AXIS))
+  return jax.jit(mapped)

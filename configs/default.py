@@ -1,0 +1,69 @@
+"""Defaults shared by every config: METHOD.md's CIFAR-100 recipe.
+
+Which defaults come from PS-KD's published recipe and which are this
+project's own choices is listed in README.md ("Defaults and their origin").
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Data.
+  config.dataset = "cifar100"  # cifar10 | cifar100 | digits | folder:/path
+  config.data_dir = ""  # TFDS data dir; empty: $TFDS_DATA_DIR or TFDS's own
+  config.download = True  # let TFDS download a missing dataset
+  config.image_size = 0  # folder datasets: resize to this size (0: as stored)
+  config.data_seed = 0  # seed of the digits train/test split
+  config.crop_padding = 4  # random-crop zero padding, pixels
+  config.flip = True  # random horizontal flip
+  # Normalisation; empty tuples mean "per-channel stats of the train split".
+  config.mean = (0.4914, 0.4822, 0.4465)
+  config.std = (0.2023, 0.1994, 0.2010)
+
+  # Model and numerics.
+  config.model = "preact_resnet18"  # preact_resnet18 | tiny_cnn
+  config.compute_dtype = "float32"  # float32 | bfloat16 (params stay f32)
+  config.bank_dtype = "float32"  # float32 | bfloat16
+  config.sync_batch_norm = True  # False: per-device statistics (PS-KD)
+
+  # Method: a preset of the objective (aikd_jax/objective.py).
+  config.method = "ai_kd"
+  # Overrides of the preset's fields; None keeps the preset's value.
+  config.alpha_T = config_dict.placeholder(float)
+  config.label_smoothing = config_dict.placeholder(float)
+  config.lambda_det = config_dict.placeholder(float)
+  config.lambda_adv = config_dict.placeholder(float)
+  config.temperature = config_dict.placeholder(float)
+  config.teacher_mode = config_dict.placeholder(str)  # precomputed | online
+
+  # Teacher (stage 1): trained with `ce` unless a checkpoint is named.
+  config.teacher_checkpoint = ""  # a stage-1 checkpoint directory to reuse
+  config.teacher_num_epochs = config_dict.placeholder(int)  # None: num_epochs
+
+  # Optimisation (PS-KD's recipe).
+  config.num_epochs = 300
+  config.batch_size = 128  # global, split evenly over all devices
+  config.learning_rate = 0.1
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 5e-4
+  config.lr_decay_epochs = (150, 225)
+  config.lr_decay_factor = 0.1
+
+  # Discriminator (this project's choices).
+  config.disc_hidden = (256, 256)
+  config.disc_learning_rate = 2e-4
+  config.disc_b1 = 0.5
+  config.disc_b2 = 0.999
+
+  config.seed = 0
+
+  # Bookkeeping: none of these change the result.
+  config.eval_batch_size = 1000  # global
+  config.log_every_steps = 100
+  config.checkpoint_every_epochs = 1
+  config.keep_checkpoints = 2
+  return config

@@ -1,0 +1,90 @@
+"""Per-stage checkpoints with orbax: asynchronous, atomic, a few kept.
+
+A stage's checkpoint holds every array its result depends on (the `state`
+item: student and discriminator TrainStates, the prediction bank) and the
+bookkeeping that makes a resumed run identical to an uninterrupted one (the
+`progress` item: epoch history, partial-epoch metric sums). Everything else
+(the augmentation keys, the per-epoch shuffles, the example ids) derives from
+the seed and the step, so it is recomputed, not stored.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+# Orbax writes this file last when it finalises a step directory.
+_FINALIZED_MARKER = "_CHECKPOINT_METADATA"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be read; the message says how to fall back."""
+
+
+def _fallback_message(directory: str, step: int) -> str:
+  return (f"The latest checkpoint {os.path.join(directory, str(step))} is "
+          f"corrupted or incomplete. To resume from the previous one, move "
+          f"that folder out of the way (e.g. `mv {directory}/{step} "
+          f"{directory}/{step}.bad`) and rerun the same command.")
+
+
+def verify_latest(directory: str) -> None:
+  """Raises CheckpointError if the newest step folder is not a whole save.
+
+  Cheap (file listing only), so it runs before any compute.
+  """
+  if not os.path.isdir(directory):
+    return
+  steps = sorted(int(name) for name in os.listdir(directory)
+                 if name.isdigit())
+  if not steps:
+    return
+  latest = os.path.join(directory, str(steps[-1]))
+  expected = [_FINALIZED_MARKER, "state", "progress"]
+  if not all(os.path.exists(os.path.join(latest, name)) for name in expected):
+    raise CheckpointError(_fallback_message(directory, steps[-1]))
+
+
+class StageCheckpoints:
+  """The checkpoints of one training stage."""
+
+  def __init__(self, directory: str, keep: int):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=preservation_policy.LatestN(max(1, keep)),
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
+        create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "progress"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, progress: dict) -> None:
+    """Starts an asynchronous save (device arrays are copied first)."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        progress=ocp.args.JsonSave(progress)), force=True)
+
+  def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+    """Restores onto `target`'s structure, shapes, dtypes and shardings."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          progress=ocp.args.JsonRestore()))
+    except Exception as error:  # orbax raises many kinds; name the folder.
+      raise CheckpointError(
+          _fallback_message(self.directory, step) + f" ({error})") from error
+    return restored["state"], restored["progress"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

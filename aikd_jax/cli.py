@@ -1,0 +1,39 @@
+"""Turns a run's outcome into an exit status and a message a person can act on."""
+
+from __future__ import annotations
+
+import ml_collections
+from absl import logging
+
+from aikd_jax import checkpointing
+from aikd_jax import data as data_lib
+from aikd_jax import run_config
+from aikd_jax import train
+
+# Errors that are the input's fault: their message is the whole story.
+_INPUT_ERRORS = (run_config.ConfigError, data_lib.DatasetUnavailableError,
+                 checkpointing.CheckpointError)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """Runs train_and_evaluate; returns the process exit status."""
+  try:
+    results = train.train_and_evaluate(config, workdir)
+  except train.Preempted as stop:
+    logging.warning("%s", stop)
+    print(stop, flush=True)
+    return 0
+  except train.NonFiniteLossError as error:
+    logging.error("%s", error)
+    print(f"error: {error}", flush=True)
+    return 3
+  except _INPUT_ERRORS as error:
+    logging.error("%s", error)
+    print(f"error: {error}", flush=True)
+    return 2
+  last, best = results["last"], results["best"]
+  print(f"student ({results['method']}): last epoch top-1 error "
+        f"{last['top1_err']:.2f}%, best {best['top1_err']:.2f}% "
+        f"(epoch {best['epoch']}). Results: {workdir}/student/results.json",
+        flush=True)
+  return 0

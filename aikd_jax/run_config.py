@@ -1,0 +1,153 @@
+"""Checks a config before any compute, and the workdir's memory of it.
+
+A workdir keeps the config it was started with (config.json). A rerun may
+change only fields that cannot change the result; anything else is refused
+with the list of differing fields, so a resumed run is always the run that
+was asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from aikd_jax import data as data_lib
+from aikd_jax import models
+from aikd_jax.objective import Objective, resolve_objective
+
+CONFIG_FILE = "config.json"
+# Fields that never change what is trained or how it is evaluated.
+RESULT_NEUTRAL_FIELDS = frozenset({
+    "log_every_steps", "eval_batch_size", "checkpoint_every_epochs",
+    "keep_checkpoints", "data_dir", "download",
+})
+# Fields that may grow between runs (checked against the progress made).
+EXTENDABLE_FIELDS = frozenset({"num_epochs", "teacher_num_epochs"})
+DTYPES = ("float32", "bfloat16")
+OBJECTIVE_FIELDS = ("alpha_T", "label_smoothing", "lambda_det", "lambda_adv",
+                    "temperature", "teacher_mode")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run, or that conflicts with the workdir's."""
+
+
+def objective_from_config(config: ml_collections.ConfigDict) -> Objective:
+  overrides = {name: config.get(name) for name in OBJECTIVE_FIELDS}
+  return resolve_objective(config.method, overrides)
+
+
+def teacher_epochs(config: ml_collections.ConfigDict) -> int:
+  return config.teacher_num_epochs or config.num_epochs
+
+
+def validate(config: ml_collections.ConfigDict) -> Objective:
+  """Raises ConfigError naming the first bad field; returns the objective."""
+  try:
+    objective = objective_from_config(config)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  if config.model not in models.MODEL_NAMES:
+    raise ConfigError(f"Unknown model {config.model!r}; choose one of "
+                      f"{', '.join(models.MODEL_NAMES)}.")
+  if not (config.dataset in data_lib.KNOWN_DATASETS or
+          str(config.dataset).startswith("folder:")):
+    raise ConfigError(
+        f"Unknown dataset {config.dataset!r}; choose one of "
+        f"{', '.join(data_lib.KNOWN_DATASETS)} or folder:/path/to/images.")
+  for field in ("compute_dtype", "bank_dtype"):
+    if config[field] not in DTYPES:
+      raise ConfigError(f"{field} must be one of {DTYPES}, "
+                        f"got {config[field]!r}.")
+  positive = ("num_epochs", "batch_size", "eval_batch_size",
+              "log_every_steps", "checkpoint_every_epochs", "keep_checkpoints")
+  for field in positive:
+    if not config[field] > 0:
+      raise ConfigError(f"{field} must be positive, got {config[field]}.")
+  if config.teacher_num_epochs is not None and config.teacher_num_epochs <= 0:
+    raise ConfigError("teacher_num_epochs must be positive, got "
+                      f"{config.teacher_num_epochs}.")
+  for field in ("learning_rate", "disc_learning_rate"):
+    if not config[field] > 0:
+      raise ConfigError(f"{field} must be positive, got {config[field]}.")
+  if config.weight_decay < 0 or config.crop_padding < 0:
+    raise ConfigError("weight_decay and crop_padding must be non-negative.")
+  devices = jax.device_count()
+  for field in ("batch_size", "eval_batch_size"):
+    if config[field] % devices:
+      raise ConfigError(
+          f"{field}={config[field]} is not divisible by the {devices} "
+          f"devices; use a multiple of {devices}.")
+  if len(config.mean) != len(config.std):
+    raise ConfigError("mean and std must have the same length (or both be "
+                      "empty to use the train split's statistics).")
+  if any(s <= 0 for s in config.std):
+    raise ConfigError(f"std must be positive, got {tuple(config.std)}.")
+  if config.teacher_checkpoint and not os.path.isdir(
+      config.teacher_checkpoint):
+    raise ConfigError(f"teacher_checkpoint {config.teacher_checkpoint!r} is "
+                      "not a directory.")
+  return objective
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises ConfigError if `workdir` cannot hold a run."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir!r} is a file, not a directory.")
+  probe = workdir
+  while not os.path.exists(probe):
+    probe = os.path.dirname(os.path.abspath(probe))
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {workdir!r} is not writable "
+                      f"({probe!r} denies writing).")
+
+
+def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  # JSON round trip: tuples become lists on both sides of the comparison.
+  return json.loads(config.to_json())
+
+
+def saved_config(workdir: str) -> dict[str, Any] | None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def compare_with_saved(config: ml_collections.ConfigDict,
+                       workdir: str) -> list[str]:
+  """Returns notes on accepted changes; raises ConfigError on unsafe ones."""
+  saved = saved_config(workdir)
+  if saved is None:
+    return []
+  current = _plain(config)
+  unsafe, notes = [], []
+  for field in sorted(set(saved) | set(current)):
+    old, new = saved.get(field), current.get(field)
+    if old == new:
+      continue
+    line = f"  {field}: {old!r} (saved) -> {new!r} (now)"
+    if field in RESULT_NEUTRAL_FIELDS or field in EXTENDABLE_FIELDS:
+      notes.append(line)
+    else:
+      unsafe.append(line)
+  if unsafe:
+    raise ConfigError(
+        f"The workdir {workdir!r} holds a run with a different config; these "
+        "fields would change its result:\n" + "\n".join(unsafe) +
+        "\nRerun with the saved values, or use a new --workdir.")
+  return notes
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes config.json atomically (the newest accepted config)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(_plain(config), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

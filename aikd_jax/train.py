@@ -1,0 +1,491 @@
+"""The three stages of AI-KD and the epoch loop that runs each of them.
+
+Stage 1 trains the teacher (the pre-trained model) with `ce`, or loads a
+named checkpoint; stage 2 stores its eval-mode logits on every un-augmented
+training image in the teacher-logit bank; stage 3 trains a fresh student
+with the configured method. Every stage resumes from its own checkpoints and
+is skipped once its results file says it finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+
+from aikd_jax import banks
+from aikd_jax import checkpointing
+from aikd_jax import data as data_lib
+from aikd_jax import metrics as metrics_lib
+from aikd_jax import models
+from aikd_jax import optim
+from aikd_jax import run_config
+from aikd_jax import train_step as step_lib
+from aikd_jax.objective import Objective, resolve_objective
+
+STAGES = ("teacher", "teacher_logits", "student")
+RESULTS_FILE = "results.json"
+CHECKPOINT_DIR = "checkpoints"
+# Salts keep the stages' random streams apart under one seed.
+_STAGE_SALT = {"teacher": 1, "student": 3}
+
+
+class Preempted(Exception):
+  """Raised after a checkpoint was saved because SIGTERM/SIGINT arrived."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """A loss term became NaN or Inf; nothing from that point is saved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceDataset:
+  """The dataset on the devices, training rows arranged by example id."""
+
+  layout: banks.RowLayout
+  train_images: jax.Array  # uint8 [N_pad, H, W, C], sharded by id
+  train_labels: jax.Array  # int32 [N_pad], -1 on padding rows
+  train_labels_by_id: np.ndarray
+  test_images: jax.Array  # uint8 [M_pad, H, W, C], sharded
+  test_labels: np.ndarray  # int32 [M]
+  num_classes: int
+  image_shape: tuple[int, ...]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+
+def place_dataset(dataset: data_lib.Dataset, mesh: jax.sharding.Mesh,
+                  config: ml_collections.ConfigDict) -> DeviceDataset:
+  """Puts both splits on the devices; training rows go where their id says."""
+  num_devices = mesh.devices.size
+  layout = banks.RowLayout(len(dataset.train_labels), num_devices)
+  ids = banks.example_ids(layout.num_examples, config.seed)
+  images = banks.arrange_by_id(dataset.train_images, ids, layout.num_rows)
+  labels = banks.arrange_by_id(dataset.train_labels.astype(np.int32), ids,
+                               layout.num_rows, fill=-1)
+  test_layout = banks.RowLayout(len(dataset.test_labels), num_devices)
+  test_images = np.zeros((test_layout.num_rows,) + dataset.image_shape,
+                         np.uint8)
+  test_images[:len(dataset.test_labels)] = dataset.test_images
+  if len(config.mean):
+    mean, std = tuple(config.mean), tuple(config.std)
+  else:
+    mean, std = data_lib.channel_stats(dataset.train_images)
+  if len(mean) != dataset.image_shape[-1]:
+    raise run_config.ConfigError(
+        f"mean/std have {len(mean)} channels but the images have "
+        f"{dataset.image_shape[-1]}.")
+  return DeviceDataset(
+      layout=layout,
+      train_images=banks.put_sharded(images, mesh),
+      train_labels=banks.put_sharded(labels, mesh),
+      train_labels_by_id=labels,
+      test_images=banks.put_sharded(test_images, mesh),
+      test_labels=dataset.test_labels.astype(np.int32),
+      num_classes=dataset.num_classes,
+      image_shape=tuple(dataset.image_shape),
+      mean=tuple(float(m) for m in mean),
+      std=tuple(float(s) for s in std))
+
+
+class _SignalFlag:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _write_json(path: str, payload: Any) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _read_results(stage_dir: str) -> dict | None:
+  path = os.path.join(stage_dir, RESULTS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    results = json.load(f)
+  return results if results.get("complete") else None
+
+
+def _gather(array: jax.Array) -> np.ndarray:
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+class _Trainer:
+  """Runs one classifier-training stage: epochs, eval, logs, checkpoints."""
+
+  def __init__(self, *, stage: str, objective: Objective, num_epochs: int,
+               config: ml_collections.ConfigDict, data: DeviceDataset,
+               mesh: jax.sharding.Mesh, workdir: str,
+               signals: _SignalFlag):
+    self.stage, self.objective, self.num_epochs = stage, objective, num_epochs
+    self.config, self.data, self.mesh, self.signals = config, data, mesh, signals
+    self.stage_dir = os.path.join(workdir, stage)
+    num_devices = mesh.devices.size
+    self.per_device_batch = config.batch_size // num_devices
+    self.steps_per_epoch = data.layout.steps_per_epoch(self.per_device_batch)
+    if self.steps_per_epoch == 0:
+      raise run_config.ConfigError(
+          f"batch_size={config.batch_size} is larger than the "
+          f"{data.layout.valid_rows(num_devices - 1) * num_devices} training "
+          "examples the devices can draw from; lower it.")
+    dtype = models.compute_dtype(config.compute_dtype)
+    bn_axis = banks.DATA_AXIS if config.sync_batch_norm else None
+    self.model = models.create_model(config.model, data.num_classes, dtype,
+                                     bn_axis_name=bn_axis)
+    self.eval_model = models.create_model(config.model, data.num_classes,
+                                          dtype)
+    self.discriminator = models.Discriminator(tuple(config.disc_hidden))
+    self.learning_rate = optim.student_learning_rate(
+        config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor,
+        self.steps_per_epoch)
+    self.seed = int(config.seed) * 16 + _STAGE_SALT[stage]
+
+  def initial_carry(self) -> step_lib.TrainCarry:
+    """Fresh states, replicated; a bank of one-hot rows, sharded."""
+    config = self.config
+    tx = optim.student_optimizer(self.learning_rate, momentum=config.momentum,
+                                 nesterov=config.nesterov,
+                                 weight_decay=config.weight_decay)
+    disc_tx = optim.discriminator_optimizer(
+        config.disc_learning_rate, config.disc_b1, config.disc_b2)
+    student_key, disc_key = jax.random.split(jax.random.key(self.seed))
+
+    def init():
+      return (step_lib.create_student_state(self.eval_model,
+                                            self.data.image_shape, tx,
+                                            student_key),
+              step_lib.create_discriminator_state(
+                  self.discriminator, self.data.num_classes, disc_tx,
+                  disc_key))
+
+    student, disc = jax.jit(init, out_shardings=banks.replicated(self.mesh))()
+    bank = banks.initial_prediction_bank(
+        self.data.train_labels_by_id, self.data.num_classes,
+        self.config.bank_dtype, self.mesh)
+    return step_lib.TrainCarry(student, disc, bank)
+
+  def step_config(self) -> step_lib.StepConfig:
+    return step_lib.StepConfig(
+        objective=self.objective, num_classes=self.data.num_classes,
+        num_epochs=self.num_epochs, steps_per_epoch=self.steps_per_epoch,
+        per_device_batch=self.per_device_batch,
+        rows_per_device=self.data.layout.rows_per_device,
+        seed=self.seed, crop_padding=self.config.crop_padding,
+        flip=self.config.flip, mean=self.data.mean, std=self.data.std,
+        sync_batch_norm=self.config.sync_batch_norm)
+
+  def predict_fn(self):
+    per_device = self.config.eval_batch_size // self.mesh.devices.size
+    return step_lib.make_predict_fn(self.mesh, self.eval_model,
+                                    batch_per_device=per_device,
+                                    mean=self.data.mean, std=self.data.std)
+
+  def evaluate(self, predict, variables) -> dict[str, float]:
+    logits = _gather(predict(variables, self.data.test_images))
+    return metrics_lib.classification_report(
+        logits[:len(self.data.test_labels)], self.data.test_labels)
+
+  def checkpoints(self) -> checkpointing.StageCheckpoints:
+    return checkpointing.StageCheckpoints(
+        os.path.join(self.stage_dir, CHECKPOINT_DIR),
+        self.config.keep_checkpoints)
+
+  def restore_final(self) -> step_lib.TrainCarry:
+    """The carry saved at the end of a finished stage."""
+    ckpts = self.checkpoints()
+    try:
+      carry, _ = ckpts.restore(ckpts.latest_step(), self.initial_carry())
+    finally:
+      ckpts.close()
+    return carry
+
+  def run(self, teacher_bank: jax.Array, teacher_variables: Any,
+          teacher_model=None) -> step_lib.TrainCarry:
+    """Trains the stage to its last epoch (resuming), writes its results."""
+    config, spe = self.config, self.steps_per_epoch
+    os.makedirs(self.stage_dir, exist_ok=True)
+    total_steps = self.num_epochs * spe
+    carry = self.initial_carry()
+    progress = {"history": [], "epoch_sums": {}, "epoch_steps": 0}
+    ckpts = self.checkpoints()
+    latest = ckpts.latest_step()
+    if latest is not None:
+      start = time.monotonic()
+      carry, progress = ckpts.restore(latest, carry)
+      if latest // spe > self.num_epochs:
+        raise run_config.ConfigError(
+            f"The {self.stage} stage already reached epoch {latest // spe}; "
+            f"num_epochs={self.num_epochs} would end before it.")
+      logging.info("%s: resumed from step %d (epoch %d) in %.1fs.",
+                   self.stage, latest, latest // spe,
+                   time.monotonic() - start)
+    step_fn = step_lib.make_train_step(
+        self.mesh, self.step_config(), model=self.model,
+        discriminator=self.discriminator, learning_rate=self.learning_rate,
+        teacher_model=teacher_model)
+    predict = self.predict_fn()
+    writer = metric_writers.create_default_writer(
+        self.stage_dir, just_logging=jax.process_index() > 0)
+    report = periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=writer,
+        every_steps=config.log_every_steps)
+    step = int(carry.student.step)
+    pending = []  # per-step metrics, still on device
+    order_epoch, epoch_order = None, None
+    try:
+      while step < total_steps:
+        epoch = step // spe
+        if order_epoch != epoch:
+          epoch_order = banks.put_sharded(
+              banks.epoch_order(self.data.layout, self.seed, epoch),
+              self.mesh)
+          order_epoch = epoch
+        step_data = step_lib.StepData(
+            images=self.data.train_images, labels=self.data.train_labels,
+            teacher_bank=teacher_bank, epoch_order=epoch_order,
+            teacher_variables=teacher_variables)
+        carry, step_metrics = step_fn(carry, step_data)
+        pending.append(step_metrics)
+        step += 1
+        report(step)
+        epoch_done = step % spe == 0
+        if epoch_done or step % config.log_every_steps == 0 or (
+            self.signals.received):
+          self._flush(pending, step, progress, writer)
+          pending = []
+        if epoch_done:
+          with report.timed("eval"):
+            self._end_epoch(epoch, carry, predict, progress, writer)
+          last = step == total_steps
+          if last or (epoch + 1) % config.checkpoint_every_epochs == 0:
+            ckpts.save(step, carry, progress)
+        if self.signals.received and step < total_steps:
+          ckpts.save(step, carry, progress)
+          ckpts.wait()
+          raise Preempted(
+              f"{self.signals.received} received: saved a checkpoint at step "
+              f"{step} of the {self.stage} stage. Rerun the same command "
+              "with the same --workdir to resume.")
+      ckpts.wait()
+      if latest is None or latest < total_steps or not _read_results(
+          self.stage_dir):
+        self._write_results(progress)
+    finally:
+      ckpts.wait()
+      ckpts.close()
+      writer.flush()
+    return carry
+
+  def _flush(self, pending: list, step: int, progress: dict,
+             writer) -> None:
+    """Fetches pending step metrics: NaN check, log, add to epoch sums."""
+    if not pending:
+      return
+    fetched = jax.device_get(pending)
+    first_step = step - len(fetched)
+    for offset, values in enumerate(fetched):
+      for name, value in values.items():
+        if not np.isfinite(value):
+          bad_step = first_step + offset
+          raise NonFiniteLossError(
+              f"{name} is {float(value)} at step {bad_step} (epoch "
+              f"{bad_step // self.steps_per_epoch}) of the {self.stage} "
+              "stage. Nothing after the last checkpoint was saved; lower the "
+              "learning rate or check the data, then rerun.")
+    sums = progress["epoch_sums"]
+    for values in fetched:
+      for name, value in values.items():
+        sums[name] = sums.get(name, 0.0) + float(value)
+    progress["epoch_steps"] += len(fetched)
+    means = {name: float(np.mean([v[name] for v in fetched]))
+             for name in fetched[-1]}
+    writer.write_scalars(step, means)
+
+  def _end_epoch(self, epoch: int, carry: step_lib.TrainCarry, predict,
+                 progress: dict, writer) -> None:
+    """Evaluates on the test split and closes the epoch's history entry."""
+    test = self.evaluate(predict, carry.student.variables)
+    count = max(progress["epoch_steps"], 1)
+    train = {k: v / count for k, v in progress["epoch_sums"].items()}
+    progress["history"].append({"epoch": epoch, "train": train,
+                                "test": test})
+    progress["epoch_sums"], progress["epoch_steps"] = {}, 0
+    step = (epoch + 1) * self.steps_per_epoch
+    writer.write_scalars(step, {f"test/{k}": v for k, v in test.items()})
+    logging.info("%s epoch %d/%d: test top-1 error %.2f%%, NLL %.3f, "
+                 "ECE %.2f", self.stage, epoch + 1, self.num_epochs,
+                 test["top1_err"], test["nll"], test["ece"])
+
+  def _write_results(self, progress: dict) -> None:
+    history = progress["history"]
+    best = min(history, key=lambda h: h["test"]["top1_err"])
+    _write_json(os.path.join(self.stage_dir, RESULTS_FILE), {
+        "stage": self.stage,
+        "method": "ce" if self.stage == "teacher" else self.config.method,
+        "objective": dataclasses.asdict(self.objective),
+        "num_epochs": self.num_epochs,
+        "steps_per_epoch": self.steps_per_epoch,
+        "complete": True,
+        "last": {"epoch": history[-1]["epoch"], **history[-1]["test"]},
+        "best": {"epoch": best["epoch"], **best["test"]},
+        "history": history,
+    })
+
+
+def _teacher_logits_stage(trainer: _Trainer, teacher_variables: Any,
+                          workdir: str) -> jax.Array:
+  """Stage 2: eval-mode teacher logits of every un-augmented train image."""
+  stage_dir = os.path.join(workdir, "teacher_logits")
+  ckpts = checkpointing.StageCheckpoints(
+      os.path.join(stage_dir, CHECKPOINT_DIR), keep=1)
+  data = trainer.data
+  template = {"teacher_bank": jax.device_put(
+      jnp.zeros((data.layout.num_rows, data.num_classes),
+                trainer.config.bank_dtype), banks.data_sharding(trainer.mesh))}
+  try:
+    if ckpts.latest_step() is not None and _read_results(stage_dir):
+      logging.info("teacher_logits: finished earlier; loading the bank.")
+      restored, _ = ckpts.restore(ckpts.latest_step(), template)
+      return restored["teacher_bank"]
+    start = time.monotonic()
+    logits = trainer.predict_fn()(teacher_variables, data.train_images)
+    bank = logits.astype(trainer.config.bank_dtype)
+    host = _gather(logits)
+    valid = data.train_labels_by_id >= 0
+    report = metrics_lib.classification_report(
+        host[valid], data.train_labels_by_id[valid])
+    ckpts.save(0, {"teacher_bank": bank}, {"train_report": report})
+    ckpts.wait()
+    _write_json(os.path.join(stage_dir, RESULTS_FILE), {
+        "stage": "teacher_logits", "complete": True,
+        "split": "train (un-augmented, eval mode)",
+        "seconds": time.monotonic() - start, "last": report, "best": report})
+    logging.info("teacher_logits: %d rows in %.1fs; teacher train top-1 "
+                 "error %.2f%%.", int(valid.sum()),
+                 time.monotonic() - start, report["top1_err"])
+    return bank
+  finally:
+    ckpts.close()
+
+
+def _teacher_stage(config, data, mesh, workdir, signals) -> dict:
+  """Stage 1: the teacher's variables (trained, resumed or loaded)."""
+  trainer = _Trainer(stage="teacher", objective=resolve_objective("ce"),
+                     num_epochs=run_config.teacher_epochs(config),
+                     config=config, data=data, mesh=mesh, workdir=workdir,
+                     signals=signals)
+  if config.teacher_checkpoint:
+    ckpts = checkpointing.StageCheckpoints(config.teacher_checkpoint, keep=1)
+    try:
+      step = ckpts.latest_step()
+      if step is None:
+        raise run_config.ConfigError(
+            f"teacher_checkpoint {config.teacher_checkpoint!r} holds no "
+            "checkpoint.")
+      carry, _ = ckpts.restore(step, trainer.initial_carry())
+    finally:
+      ckpts.close()
+    logging.info("teacher: loaded %s step %d.", config.teacher_checkpoint,
+                 step)
+    return carry.student.variables, trainer
+  if _read_results(trainer.stage_dir):
+    logging.info("teacher: finished earlier; loading its final state.")
+    return trainer.restore_final().student.variables, trainer
+  dummy = _empty_teacher_bank(mesh)
+  carry = trainer.run(dummy, {})
+  return carry.student.variables, trainer
+
+
+def _empty_teacher_bank(mesh) -> jax.Array:
+  """A placeholder bank for steps that read no teacher logits."""
+  return banks.put_sharded(np.zeros((mesh.devices.size, 1), np.float32), mesh)
+
+
+def check_inputs(config: ml_collections.ConfigDict,
+                 workdir: str) -> tuple[Objective, list[str]]:
+  """Every check that must pass before anything is computed or written."""
+  objective = run_config.validate(config)
+  run_config.check_workdir(workdir)
+  data_lib.check_dataset_available(config.dataset, config.data_dir or None)
+  notes = run_config.compare_with_saved(config, workdir)
+  for stage in ("teacher", "student"):
+    checkpointing.verify_latest(os.path.join(workdir, stage, CHECKPOINT_DIR))
+  return objective, notes
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict:
+  """Runs (or resumes) all stages; returns the student's results."""
+  objective, notes = check_inputs(config, workdir)
+  for note in notes:
+    logging.warning("Config change accepted on resume:%s", note)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    run_config.save(config, workdir)
+  mesh = banks.data_mesh()
+  dataset = data_lib.load_dataset(
+      config.dataset, config.data_dir or None, download=config.download,
+      split_seed=config.data_seed, image_size=config.image_size or None)
+  data = place_dataset(dataset, mesh, config)
+  logging.info("%s: %d train / %d test examples, %d classes, %d devices.",
+               config.dataset, data.layout.num_examples,
+               len(data.test_labels), data.num_classes, mesh.devices.size)
+  with _SignalFlag() as signals:
+    teacher_bank, teacher_variables, teacher_model = (
+        _empty_teacher_bank(mesh), {}, None)
+    if objective.uses_teacher:
+      teacher_variables, teacher_trainer = _teacher_stage(
+          config, data, mesh, workdir, signals)
+      if objective.teacher_mode == "online":
+        teacher_model = teacher_trainer.eval_model
+        logging.info("teacher_logits: skipped (online teacher).")
+      else:
+        teacher_bank = _teacher_logits_stage(teacher_trainer,
+                                             teacher_variables, workdir)
+        teacher_variables = {}
+    else:
+      logging.info("teacher and teacher_logits: skipped (method %s uses no "
+                   "pre-trained model).", config.method)
+    student = _Trainer(stage="student", objective=objective,
+                       num_epochs=config.num_epochs, config=config,
+                       data=data, mesh=mesh, workdir=workdir,
+                       signals=signals)
+    if _read_results(student.stage_dir):
+      logging.info("student: finished earlier; nothing to do.")
+    else:
+      student.run(teacher_bank, teacher_variables, teacher_model)
+  with open(os.path.join(student.stage_dir, RESULTS_FILE)) as f:
+    return json.load(f)

@@ -1,0 +1,48 @@
+"""Runs (or resumes) AI-KD's three stages: teacher, teacher logits, student.
+
+  python main.py --config=configs/cifar100.py --workdir=DIR
+  python main.py --config=configs/digits.py --workdir=DIR --config.method=ps_kd
+
+Rerunning with the same --workdir resumes where the run stopped.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and "
+                    "results; rerun with the same one to resume.")
+config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # TensorFlow serves only TFDS and TensorBoard here; keep it off the GPUs.
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+  except ImportError:
+    pass
+  from aikd_jax import cli  # pylint: disable=g-import-not-at-top
+  sys.exit(cli.run(FLAGS.config, FLAGS.workdir))
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Drops the INFO chatter of orbax's checkpoint internals (warnings stay)."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or (
+        "/orbax/" not in record.pathname)
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  app.run(main)

@@ -439,7 +439,8 @@ def check_inputs(config: ml_collections.ConfigDict,
   """Every check that must pass before anything is computed or written."""
   objective = run_config.validate(config)
   run_config.check_workdir(workdir)
-  data_lib.check_dataset_available(config.dataset, config.data_dir or None)
+  data_lib.check_dataset_available(config.dataset, config.data_dir or None,
+                                   download=config.download)
   notes = run_config.compare_with_saved(config, workdir)
   for stage in ("teacher", "student"):
     checkpointing.verify_latest(os.path.join(workdir, stage, CHECKPOINT_DIR))

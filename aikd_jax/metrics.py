@@ -46,17 +46,23 @@ def expected_calibration_error(
     100 * sum_b |acc_b - conf_b| * n_b / n.
   """
   confidences, correct = _as_1d_pair(confidences, correct)
+  _, correct_per_bin, confidence_per_bin = _bin_sums(confidences, correct,
+                                                     num_bins)
+  # |acc_b - conf_b| * n_b = |sum_b correct - sum_b confidence|.
+  gap = np.abs(correct_per_bin - confidence_per_bin).sum()
+  return float(100.0 * gap / confidences.size)
+
+
+def _bin_sums(confidences: np.ndarray, correct: np.ndarray,
+              num_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Each example's bin, and per-bin sums of correctness and confidence."""
   # k / num_bins is the float nearest to each edge, so e.g. a confidence of
   # exactly 0.3 lands in (0.2, 0.3] as intended.
   edges = np.arange(num_bins + 1) / num_bins
   bins = np.clip(
       np.searchsorted(edges, confidences, side="left") - 1, 0, num_bins - 1)
-  # |acc_b - conf_b| * n_b = |sum_b correct - sum_b confidence|.
-  correct_per_bin = np.bincount(bins, weights=correct, minlength=num_bins)
-  confidence_per_bin = np.bincount(
-      bins, weights=confidences, minlength=num_bins)
-  gap = np.abs(correct_per_bin - confidence_per_bin).sum()
-  return float(100.0 * gap / confidences.size)
+  return (bins, np.bincount(bins, weights=correct, minlength=num_bins),
+          np.bincount(bins, weights=confidences, minlength=num_bins))
 
 
 def aurc_eaurc(confidences: Any, correct: Any) -> tuple[float, float]:
@@ -86,20 +92,11 @@ def aurc_eaurc(confidences: Any, correct: Any) -> tuple[float, float]:
   return float(1000.0 * aurc), float(1000.0 * (aurc - optimal))
 
 
-def classification_report(logits: Any, labels: Any) -> dict[str, float]:
-  """Top-1/top-5 error, NLL, ECE, AURC and E-AURC of a set of predictions.
+def _score(logits: Any, labels: Any) -> dict[str, np.ndarray]:
+  """Validates a prediction set; per-example confidence and correctness.
 
   Ties between classes break towards the lower class index (as argmax does),
   so top-1 correctness, top-k membership and the confidence all agree.
-
-  Args:
-    logits: [n, C] finite logits (NumPy or JAX, any float dtype).
-    labels: [n] integer class indices in [0, C).
-
-  Returns:
-    Dict with `top1_err`, `top5_err` (percent; top-min(5, C) when C < 5),
-    `nll` (mean cross-entropy), `ece` (percent), `aurc` and `eaurc` (x1000),
-    all Python floats.
   """
   logits = np.asarray(logits)
   labels = np.asarray(labels)
@@ -138,16 +135,47 @@ def classification_report(logits: Any, labels: Any) -> dict[str, float]:
   rank = np.sum((logits > label_logit)
                 | ((logits == label_logit) & (class_index < labels[:, None])),
                 axis=1)
-  correct = rank == 0
-  top5_correct = rank < min(5, num_classes)
+  return {"confidences": confidences, "correct": rank == 0,
+          "top5_correct": rank < min(5, num_classes),
+          "label_log_prob": label_log_prob}
 
-  ece = expected_calibration_error(confidences, correct)
+
+def classification_report(logits: Any, labels: Any) -> dict[str, float]:
+  """Top-1/top-5 error, NLL, ECE, AURC and E-AURC of a set of predictions.
+
+  Args:
+    logits: [n, C] finite logits (NumPy or JAX, any float dtype).
+    labels: [n] integer class indices in [0, C).
+
+  Returns:
+    Dict with `top1_err`, `top5_err` (percent; top-min(5, C) when C < 5),
+    `nll` (mean cross-entropy), `ece` (percent), `aurc` and `eaurc` (x1000),
+    all Python floats.
+  """
+  scores = _score(logits, labels)
+  confidences, correct = scores["confidences"], scores["correct"]
   aurc, eaurc = aurc_eaurc(confidences, correct)
   return {
       "top1_err": float(100.0 * (1.0 - correct.mean())),
-      "top5_err": float(100.0 * (1.0 - top5_correct.mean())),
-      "nll": float(-label_log_prob.mean()),
-      "ece": ece,
+      "top5_err": float(100.0 * (1.0 - scores["top5_correct"].mean())),
+      "nll": float(-scores["label_log_prob"].mean()),
+      "ece": expected_calibration_error(confidences, correct),
       "aurc": aurc,
       "eaurc": eaurc,
   }
+
+
+def reliability_diagram(logits: Any, labels: Any,
+                        num_bins: int = 10) -> dict[str, list[float]]:
+  """Per-bin counts, accuracy and mean confidence: what a reliability plot draws.
+
+  Uses the same (lower, upper] bins as the ECE; empty bins report 0.
+  """
+  scores = _score(logits, labels)
+  bins, correct_sum, confidence_sum = _bin_sums(
+      *_as_1d_pair(scores["confidences"], scores["correct"]), num_bins)
+  counts = np.bincount(bins, minlength=num_bins)
+  safe = np.maximum(counts, 1)
+  return {"counts": counts.tolist(),
+          "accuracy": (correct_sum / safe).tolist(),
+          "confidence": (confidence_sum / safe).tolist()}

@@ -213,10 +213,12 @@ class _Trainer:
                                     batch_per_device=per_device,
                                     mean=self.data.mean, std=self.data.std)
 
-  def evaluate(self, predict, variables) -> dict[str, float]:
+  def evaluate(self, predict, variables) -> tuple[dict, dict]:
+    """The test split's report and reliability diagram."""
     logits = _gather(predict(variables, self.data.test_images))
-    return metrics_lib.classification_report(
-        logits[:len(self.data.test_labels)], self.data.test_labels)
+    logits = logits[:len(self.data.test_labels)]
+    return (metrics_lib.classification_report(logits, self.data.test_labels),
+            metrics_lib.reliability_diagram(logits, self.data.test_labels))
 
   def checkpoints(self) -> checkpointing.StageCheckpoints:
     return checkpointing.StageCheckpoints(
@@ -337,11 +339,11 @@ class _Trainer:
   def _end_epoch(self, epoch: int, carry: step_lib.TrainCarry, predict,
                  progress: dict, writer) -> None:
     """Evaluates on the test split and closes the epoch's history entry."""
-    test = self.evaluate(predict, carry.student.variables)
+    test, reliability = self.evaluate(predict, carry.student.variables)
     count = max(progress["epoch_steps"], 1)
     train = {k: v / count for k, v in progress["epoch_sums"].items()}
     progress["history"].append({"epoch": epoch, "train": train,
-                                "test": test})
+                                "test": test, "reliability": reliability})
     progress["epoch_sums"], progress["epoch_steps"] = {}, 0
     step = (epoch + 1) * self.steps_per_epoch
     writer.write_scalars(step, {f"test/{k}": v for k, v in test.items()})

@@ -218,3 +218,20 @@ def test_helpers_validate_inputs(confidences, correct, message):
     metrics.expected_calibration_error(confidences, correct)
   with pytest.raises(ValueError, match=message):
     metrics.aurc_eaurc(confidences, correct)
+
+
+def test_reliability_diagram_bins_match_ece():
+  # Confidences 0.9, 0.9 (one right, one wrong) and 0.55 (right): bins
+  # (0.8, 0.9] and (0.5, 0.6].
+  logits = np.log(np.array([[0.9, 0.1], [0.9, 0.1], [0.45, 0.55]]))
+  labels = np.array([0, 1, 1])
+  diagram = metrics.reliability_diagram(logits, labels)
+  assert diagram["counts"] == [0, 0, 0, 0, 0, 1, 0, 0, 2, 0]
+  np.testing.assert_allclose(diagram["accuracy"][8], 0.5)
+  np.testing.assert_allclose(diagram["confidence"][8], 0.9)
+  np.testing.assert_allclose(diagram["accuracy"][5], 1.0)
+  np.testing.assert_allclose(diagram["confidence"][5], 0.55)
+  # ECE from the diagram: sum_b |acc_b - conf_b| n_b / n, in percent.
+  ece = 100 * (2 * abs(0.5 - 0.9) + abs(1.0 - 0.55)) / 3
+  np.testing.assert_allclose(
+      metrics.classification_report(logits, labels)["ece"], ece)

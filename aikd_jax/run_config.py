@@ -119,9 +119,18 @@ def saved_config(workdir: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def compare_with_saved(config: ml_collections.ConfigDict,
-                       workdir: str) -> list[str]:
-  """Returns notes on accepted changes; raises ConfigError on unsafe ones."""
+# What a teacher-only workdir's result does not depend on.
+STUDENT_ONLY_FIELDS = frozenset(
+    ("method", "num_epochs", "teacher_checkpoint") + OBJECTIVE_FIELDS)
+
+
+def compare_with_saved(config: ml_collections.ConfigDict, workdir: str,
+                       ignore: frozenset = frozenset()) -> list[str]:
+  """Returns notes on accepted changes; raises ConfigError on unsafe ones.
+
+  Fields in `ignore` may differ freely (a shared teacher's workdir ignores
+  the student's method).
+  """
   saved = saved_config(workdir)
   if saved is None:
     return []
@@ -129,7 +138,7 @@ def compare_with_saved(config: ml_collections.ConfigDict,
   unsafe, notes = [], []
   for field in sorted(set(saved) | set(current)):
     old, new = saved.get(field), current.get(field)
-    if old == new:
+    if old == new or field in ignore:
       continue
     line = f"  {field}: {old!r} (saved) -> {new!r} (now)"
     if field in RESULT_NEUTRAL_FIELDS or field in EXTENDABLE_FIELDS:

@@ -436,23 +436,29 @@ def _empty_teacher_bank(mesh) -> jax.Array:
   return banks.put_sharded(np.zeros((mesh.devices.size, 1), np.float32), mesh)
 
 
-def check_inputs(config: ml_collections.ConfigDict,
-                 workdir: str) -> tuple[Objective, list[str]]:
+def check_inputs(config: ml_collections.ConfigDict, workdir: str,
+                 teacher_only: bool = False) -> tuple[Objective, list[str]]:
   """Every check that must pass before anything is computed or written."""
   objective = run_config.validate(config)
   run_config.check_workdir(workdir)
   data_lib.check_dataset_available(config.dataset, config.data_dir or None,
                                    download=config.download)
-  notes = run_config.compare_with_saved(config, workdir)
+  ignore = run_config.STUDENT_ONLY_FIELDS if teacher_only else frozenset()
+  notes = run_config.compare_with_saved(config, workdir, ignore)
   for stage in ("teacher", "student"):
     checkpointing.verify_latest(os.path.join(workdir, stage, CHECKPOINT_DIR))
   return objective, notes
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict:
-  """Runs (or resumes) all stages; returns the student's results."""
-  objective, notes = check_inputs(config, workdir)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       teacher_only: bool = False) -> dict:
+  """Runs (or resumes) all stages; returns the student's results.
+
+  With `teacher_only`, runs stage 1 alone and returns the teacher's results:
+  a teacher that several students share (`config.teacher_checkpoint` set to
+  WORKDIR/teacher/checkpoints) whatever their methods.
+  """
+  objective, notes = check_inputs(config, workdir, teacher_only)
   for note in notes:
     logging.warning("Config change accepted on resume:%s", note)
   os.makedirs(workdir, exist_ok=True)
@@ -467,6 +473,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                config.dataset, data.layout.num_examples,
                len(data.test_labels), data.num_classes, mesh.devices.size)
   with _SignalFlag() as signals:
+    if teacher_only:
+      _teacher_stage(config, data, mesh, workdir, signals)
+      return _read_results(os.path.join(workdir, "teacher"))
     teacher_bank, teacher_variables, teacher_model = (
         _empty_teacher_bank(mesh), {}, None)
     if objective.uses_teacher:

@@ -174,8 +174,12 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
     return student_loss + disc_loss, (terms, aux, probs, model_updates)
 
   grad_fn = jax.grad(objective_fn, argnums=(0, 1), has_aux=True)
+  # Parameters enter as device-invariant values, whose gradient shard_map
+  # would already sum over devices; marking them varying keeps each device's
+  # gradient local, so the pmean below is the global-batch mean.
   (grads, disc_grads), (terms, aux, probs, model_updates) = grad_fn(
-      student.params, disc.params)
+      lax.pcast(student.params, DATA_AXIS, to="varying"),
+      lax.pcast(disc.params, DATA_AXIS, to="varying"))
 
   grads = lax.pmean(grads, DATA_AXIS)
   batch_stats = model_updates["batch_stats"]

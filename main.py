@@ -18,6 +18,11 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and "
                     "results; rerun with the same one to resume.")
 config_flags.DEFINE_config_file("config", None, "Training config file.",
                                 lock_config=True)
+flags.DEFINE_string("coordinator_address", None, "Multi-process runs: "
+                    "host:port of process 0 (default: $AIKD_COORDINATOR_ADDRESS,"
+                    " or what SLURM / Cloud TPU provide).")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this one's id.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,7 +35,9 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
-  from aikd_jax import cli  # pylint: disable=g-import-not-at-top
+  from aikd_jax import cli, distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id)
   sys.exit(cli.run(FLAGS.config, FLAGS.workdir))
 
 

@@ -63,6 +63,26 @@ def arrange_by_id(values: np.ndarray, ids: np.ndarray, num_rows: int,
   return out
 
 
+def put_by_id(values: np.ndarray, ids: np.ndarray, num_rows: int,
+              mesh: jax.sharding.Mesh, fill=0) -> jax.Array:
+  """Device array with row ids[i] = values[i], sharded by rows.
+
+  Each process builds only the row blocks its own devices hold, so on a
+  multi-host run no host arranges (or uploads) another host's examples.
+  """
+  index_of_id = np.full((num_rows,), -1, np.int64)
+  index_of_id[ids] = np.arange(len(ids))
+
+  def rows(index):
+    block = index_of_id[index[0]]
+    out = np.full((len(block),) + values.shape[1:], fill, values.dtype)
+    out[block >= 0] = values[block[block >= 0]]
+    return out
+
+  shape = (num_rows,) + values.shape[1:]
+  return jax.make_array_from_callback(shape, data_sharding(mesh), rows)
+
+
 def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 

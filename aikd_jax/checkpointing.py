@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
@@ -88,3 +89,26 @@ class StageCheckpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def load_arrays(directory: str, step: int | None = None) -> tuple[int, Any]:
+  """Reads a stage checkpoint's `state` as NumPy arrays, on any topology.
+
+  For inspection and comparison (tests, notebooks): no model or mesh needed.
+  Returns (step, nested dict of arrays); `step` None means the latest.
+  """
+  if step is None:
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    if not steps:
+      raise CheckpointError(f"No checkpoint in {directory}.")
+    step = steps[-1]
+  path = os.path.join(os.path.abspath(directory), str(step), "state")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    restore_args = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = checkpointer.restore(
+        path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  return step, state

@@ -72,7 +72,6 @@ def place_dataset(dataset: data_lib.Dataset, mesh: jax.sharding.Mesh,
   num_devices = mesh.devices.size
   layout = banks.RowLayout(len(dataset.train_labels), num_devices)
   ids = banks.example_ids(layout.num_examples, config.seed)
-  images = banks.arrange_by_id(dataset.train_images, ids, layout.num_rows)
   labels = banks.arrange_by_id(dataset.train_labels.astype(np.int32), ids,
                                layout.num_rows, fill=-1)
   test_layout = banks.RowLayout(len(dataset.test_labels), num_devices)
@@ -89,7 +88,8 @@ def place_dataset(dataset: data_lib.Dataset, mesh: jax.sharding.Mesh,
         f"{dataset.image_shape[-1]}.")
   return DeviceDataset(
       layout=layout,
-      train_images=banks.put_sharded(images, mesh),
+      train_images=banks.put_by_id(dataset.train_images, ids,
+                                   layout.num_rows, mesh),
       train_labels=banks.put_sharded(labels, mesh),
       train_labels_by_id=labels,
       test_images=banks.put_sharded(test_images, mesh),
@@ -284,8 +284,9 @@ class _Trainer:
         step += 1
         report(step)
         epoch_done = step % spe == 0
-        if epoch_done or step % config.log_every_steps == 0 or (
-            self.signals.received):
+        log_now = epoch_done or step % config.log_every_steps == 0
+        stop = self._stop_agreed(log_now)
+        if log_now or stop:
           self._flush(pending, step, progress, writer)
           pending = []
         if epoch_done:
@@ -294,7 +295,7 @@ class _Trainer:
           last = step == total_steps
           if last or (epoch + 1) % config.checkpoint_every_epochs == 0:
             ckpts.save(step, carry, progress)
-        if self.signals.received and step < total_steps:
+        if stop and step < total_steps:
           ckpts.save(step, carry, progress)
           ckpts.wait()
           raise Preempted(
@@ -310,6 +311,23 @@ class _Trainer:
       ckpts.close()
       writer.flush()
     return carry
+
+  def _stop_agreed(self, at_log_step: bool) -> bool:
+    """Whether every process stops after this step for a signal.
+
+    One process checks after every step. Several processes must stop at the
+    same step (checkpoints are collective), so they agree at log steps only,
+    where the host synchronises anyway.
+    """
+    if jax.process_count() == 1:
+      return self.signals.received is not None
+    if not at_log_step:
+      return False
+    flags = multihost_utils.process_allgather(
+        np.int32(self.signals.received is not None))
+    if flags.any() and self.signals.received is None:
+      self.signals.received = "a signal to another process"
+    return bool(flags.any())
 
   def _flush(self, pending: list, step: int, progress: dict,
              writer) -> None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 from jax import lax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aikd_jax import augment as augment_lib
 from aikd_jax import losses
@@ -235,7 +235,13 @@ def make_train_step(mesh: jax.sharding.Mesh, config: StepConfig, *,
                        epoch_order=sharded, teacher_variables=P())
   mapped = jax.shard_map(local, mesh=mesh, in_specs=(carry_spec, data_spec),
                          out_specs=(carry_spec, P()))
-  return jax.jit(mapped, donate_argnums=(0,))
+  # Explicit output shardings keep the carry's shardings equal to its input
+  # ones (on a 1-device mesh JAX would otherwise call the bank replicated),
+  # so feeding the output back in never adds a second cache entry.
+  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                           (carry_spec, P()),
+                           is_leaf=lambda x: isinstance(x, P))
+  return jax.jit(mapped, donate_argnums=(0,), out_shardings=shardings)
 
 
 def make_predict_fn(mesh: jax.sharding.Mesh, model: nn.Module, *,

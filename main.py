@@ -6,6 +6,7 @@
 Rerunning with the same --workdir resumes where the run stopped.
 """
 
+import os
 import sys
 
 from absl import app
@@ -29,7 +30,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # TensorFlow serves only TFDS and TensorBoard here; keep it off the GPUs.
+  # TensorFlow serves only TFDS and TensorBoard here; keep it quiet and off
+  # the GPUs.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], "GPU")

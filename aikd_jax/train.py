@@ -130,13 +130,19 @@ def _write_json(path: str, payload: Any) -> None:
   os.replace(tmp, path)
 
 
-def _read_results(stage_dir: str) -> dict | None:
+def _read_results(stage_dir: str, num_epochs: int | None = None
+                  ) -> dict | None:
+  """A stage's results if it finished (with at least `num_epochs` epochs)."""
   path = os.path.join(stage_dir, RESULTS_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
     results = json.load(f)
-  return results if results.get("complete") else None
+  if not results.get("complete"):
+    return None
+  if num_epochs is not None and results["num_epochs"] < num_epochs:
+    return None  # num_epochs was extended: the stage goes on.
+  return results
 
 
 def _gather(array: jax.Array) -> np.ndarray:
@@ -296,7 +302,8 @@ class _Trainer:
           if last or (epoch + 1) % config.checkpoint_every_epochs == 0:
             ckpts.save(step, carry, progress)
         if stop and step < total_steps:
-          ckpts.save(step, carry, progress)
+          if ckpts.latest_step() != step:
+            ckpts.save(step, carry, progress)
           ckpts.wait()
           raise Preempted(
               f"{self.signals.received} received: saved a checkpoint at step "
@@ -304,7 +311,7 @@ class _Trainer:
               "with the same --workdir to resume.")
       ckpts.wait()
       if latest is None or latest < total_steps or not _read_results(
-          self.stage_dir):
+          self.stage_dir, self.num_epochs):
         self._write_results(progress)
     finally:
       ckpts.wait()
@@ -385,9 +392,15 @@ class _Trainer:
     })
 
 
-def _teacher_logits_stage(trainer: _Trainer, teacher_variables: Any,
+def _teacher_logits_stage(trainer: _Trainer,
+                          teacher: step_lib.StudentState,
                           workdir: str) -> jax.Array:
-  """Stage 2: eval-mode teacher logits of every un-augmented train image."""
+  """Stage 2: eval-mode teacher logits of every un-augmented train image.
+
+  Saved under the teacher's step, so a teacher trained further (extended
+  num_epochs) gets its bank recomputed; otherwise it is loaded, never redone.
+  """
+  teacher_step = int(teacher.step)
   stage_dir = os.path.join(workdir, "teacher_logits")
   ckpts = checkpointing.StageCheckpoints(
       os.path.join(stage_dir, CHECKPOINT_DIR), keep=1)
@@ -396,18 +409,19 @@ def _teacher_logits_stage(trainer: _Trainer, teacher_variables: Any,
       jnp.zeros((data.layout.num_rows, data.num_classes),
                 trainer.config.bank_dtype), banks.data_sharding(trainer.mesh))}
   try:
-    if ckpts.latest_step() is not None and _read_results(stage_dir):
+    if ckpts.latest_step() == teacher_step and _read_results(stage_dir):
       logging.info("teacher_logits: finished earlier; loading the bank.")
       restored, _ = ckpts.restore(ckpts.latest_step(), template)
       return restored["teacher_bank"]
     start = time.monotonic()
-    logits = trainer.predict_fn()(teacher_variables, data.train_images)
+    logits = trainer.predict_fn()(teacher.variables, data.train_images)
     bank = logits.astype(trainer.config.bank_dtype)
     host = _gather(logits)
     valid = data.train_labels_by_id >= 0
     report = metrics_lib.classification_report(
         host[valid], data.train_labels_by_id[valid])
-    ckpts.save(0, {"teacher_bank": bank}, {"train_report": report})
+    ckpts.save(teacher_step, {"teacher_bank": bank},
+               {"train_report": report})
     ckpts.wait()
     _write_json(os.path.join(stage_dir, RESULTS_FILE), {
         "stage": "teacher_logits", "complete": True,
@@ -421,8 +435,9 @@ def _teacher_logits_stage(trainer: _Trainer, teacher_variables: Any,
     ckpts.close()
 
 
-def _teacher_stage(config, data, mesh, workdir, signals) -> dict:
-  """Stage 1: the teacher's variables (trained, resumed or loaded)."""
+def _teacher_stage(config, data, mesh, workdir, signals
+                   ) -> tuple[step_lib.StudentState, _Trainer]:
+  """Stage 1: the teacher's final state (trained, resumed or loaded)."""
   trainer = _Trainer(stage="teacher", objective=resolve_objective("ce"),
                      num_epochs=run_config.teacher_epochs(config),
                      config=config, data=data, mesh=mesh, workdir=workdir,
@@ -440,13 +455,13 @@ def _teacher_stage(config, data, mesh, workdir, signals) -> dict:
       ckpts.close()
     logging.info("teacher: loaded %s step %d.", config.teacher_checkpoint,
                  step)
-    return carry.student.variables, trainer
-  if _read_results(trainer.stage_dir):
+    return carry.student, trainer
+  if _read_results(trainer.stage_dir, trainer.num_epochs):
     logging.info("teacher: finished earlier; loading its final state.")
-    return trainer.restore_final().student.variables, trainer
+    return trainer.restore_final().student, trainer
   dummy = _empty_teacher_bank(mesh)
   carry = trainer.run(dummy, {})
-  return carry.student.variables, trainer
+  return carry.student, trainer
 
 
 def _empty_teacher_bank(mesh) -> jax.Array:
@@ -463,7 +478,7 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str,
                                    download=config.download)
   ignore = run_config.STUDENT_ONLY_FIELDS if teacher_only else frozenset()
   notes = run_config.compare_with_saved(config, workdir, ignore)
-  for stage in ("teacher", "student"):
+  for stage in STAGES:
     checkpointing.verify_latest(os.path.join(workdir, stage, CHECKPOINT_DIR))
   return objective, notes
 
@@ -497,15 +512,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     teacher_bank, teacher_variables, teacher_model = (
         _empty_teacher_bank(mesh), {}, None)
     if objective.uses_teacher:
-      teacher_variables, teacher_trainer = _teacher_stage(
-          config, data, mesh, workdir, signals)
+      teacher, teacher_trainer = _teacher_stage(config, data, mesh, workdir,
+                                                signals)
       if objective.teacher_mode == "online":
         teacher_model = teacher_trainer.eval_model
+        teacher_variables = teacher.variables
         logging.info("teacher_logits: skipped (online teacher).")
       else:
-        teacher_bank = _teacher_logits_stage(teacher_trainer,
-                                             teacher_variables, workdir)
-        teacher_variables = {}
+        teacher_bank = _teacher_logits_stage(teacher_trainer, teacher,
+                                             workdir)
     else:
       logging.info("teacher and teacher_logits: skipped (method %s uses no "
                    "pre-trained model).", config.method)
@@ -513,7 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        num_epochs=config.num_epochs, config=config,
                        data=data, mesh=mesh, workdir=workdir,
                        signals=signals)
-    if _read_results(student.stage_dir):
+    if _read_results(student.stage_dir, student.num_epochs):
       logging.info("student: finished earlier; nothing to do.")
     else:
       student.run(teacher_bank, teacher_variables, teacher_model)

@@ -9,6 +9,9 @@ Rerunning with the same --workdir resumes where the run stopped.
 import os
 import sys
 
+# TensorFlow (imported by TFDS and the config loader) is quiet unless asked.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -30,9 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # TensorFlow serves only TFDS and TensorBoard here; keep it quiet and off
-  # the GPUs.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # TensorFlow serves only TFDS and TensorBoard here; keep it off the GPUs.
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], "GPU")

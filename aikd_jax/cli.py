@@ -11,7 +11,7 @@ from aikd_jax import run_config
 from aikd_jax import train
 
 # Errors that are the input's fault: their message is the whole story.
-_INPUT_ERRORS = (run_config.ConfigError, data_lib.DatasetUnavailableError,
+INPUT_ERRORS = (run_config.ConfigError, data_lib.DatasetUnavailableError,
                  checkpointing.CheckpointError)
 
 
@@ -27,7 +27,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     logging.error("%s", error)
     print(f"error: {error}", flush=True)
     return 3
-  except _INPUT_ERRORS as error:
+  except INPUT_ERRORS as error:
     logging.error("%s", error)
     print(f"error: {error}", flush=True)
     return 2

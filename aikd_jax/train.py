@@ -116,9 +116,14 @@ class _SignalFlag:
     del frame
     self.received = signal.Signals(signum).name
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, exc, traceback):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    if self.received and exc_type is None:
+      # A signal after the last step: everything is saved, but the caller
+      # (say, a comparison about to start its next run) must still stop.
+      raise Preempted(f"{self.received} received after the last step; all "
+                      "results are saved. Rerun the same command to go on.")
 
 
 def _write_json(path: str, payload: Any) -> None:

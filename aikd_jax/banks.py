@@ -134,3 +134,23 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
   """A 1-D mesh over all (or the given) devices with the axis 'data'."""
   devices = jax.devices() if devices is None else list(devices)
   return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def partner_rows(layout: RowLayout, labels_by_id: np.ndarray, seed: int,
+                 epoch: int) -> np.ndarray:
+  """CS-KD's pairing: for each row, a local row of the same class.
+
+  Drawn per device and epoch (seeded by seed, epoch, device) among the
+  device's own valid rows, so a pair never crosses devices; an example may
+  be its own partner, as in CS-KD, so every example has one. Padding rows
+  point at themselves.
+  """
+  s = layout.rows_per_device
+  partners = np.tile(np.arange(s, dtype=np.int32), layout.num_devices)
+  for d in range(layout.num_devices):
+    labels = labels_by_id[d * s:d * s + layout.valid_rows(d)]
+    rng = np.random.default_rng([seed, epoch, d, 0xC5])
+    for label in np.unique(labels):
+      members = np.flatnonzero(labels == label).astype(np.int32)
+      partners[d * s + members] = rng.choice(members, size=members.size)
+  return partners

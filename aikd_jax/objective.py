@@ -23,7 +23,9 @@ class Objective:
     label_smoothing: eps of the smoothed labels.
     lambda_det: weight of the distillation from the pre-trained model.
     lambda_adv: weight of the adversarial (generator) term.
-    temperature: tau of the distillation term.
+    lambda_cls: weight of CS-KD's class-wise term: KL from the prediction on
+      another training example of the same class (no gradient through it).
+    temperature: tau of the distillation and class-wise terms.
     teacher_mode: 'precomputed' (teacher-logit bank) or 'online' (teacher
       forward pass on the augmented batch inside the step).
   """
@@ -32,6 +34,7 @@ class Objective:
   label_smoothing: float = 0.0
   lambda_det: float = 0.0
   lambda_adv: float = 0.0
+  lambda_cls: float = 0.0
   temperature: float = 4.0
   teacher_mode: str = "precomputed"
 
@@ -48,6 +51,11 @@ class Objective:
   def uses_discriminator(self) -> bool:
     return self.lambda_adv > 0
 
+  @property
+  def uses_partners(self) -> bool:
+    """CS-KD: each example is paired with one of the same class."""
+    return self.lambda_cls > 0
+
   def validate(self) -> None:
     """Raises ValueError for settings that have no meaning."""
     if not 0.0 <= self.alpha_T <= 1.0:
@@ -55,7 +63,7 @@ class Objective:
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(
           f"label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
-    for name in ("lambda_det", "lambda_adv"):
+    for name in ("lambda_det", "lambda_adv", "lambda_cls"):
       value = getattr(self, name)
       if value < 0:
         raise ValueError(f"{name} must be non-negative, got {value}.")
@@ -75,6 +83,8 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     "ls": dict(label_smoothing=0.1),
     "tf_kd": dict(lambda_det=1.0, temperature=4.0),
     "ps_kd": dict(alpha_T=0.8),
+    # CS-KD (Yun et al., 2020): lambda 1, tau 4 as its public code uses.
+    "cs_kd": dict(lambda_cls=1.0, temperature=4.0),
     "ai_kd": _AI_KD,
     "ai_kd_no_adv": {**_AI_KD, "lambda_adv": 0.0},
     "ai_kd_no_det": {**_AI_KD, "lambda_det": 0.0},

@@ -67,7 +67,7 @@ FIGSIZES = {
 }
 
 DISPLAY_NAMES = {
-    "ce": "CE", "ls": "LS", "tf_kd": "TF-KD", "ps_kd": "PS-KD",
+    "ce": "CE", "ls": "LS", "cs_kd": "CS-KD", "tf_kd": "TF-KD", "ps_kd": "PS-KD",
     "ai_kd": "AI-KD", "ai_kd_no_adv": "AI-KD w/o adv.",
     "ai_kd_no_det": "AI-KD w/o det.", "ai_kd_no_prog": "AI-KD w/o prog.",
     "ai_kd_online": "AI-KD (online teacher)",

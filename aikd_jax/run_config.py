@@ -29,7 +29,7 @@ RESULT_NEUTRAL_FIELDS = frozenset({
 EXTENDABLE_FIELDS = frozenset({"num_epochs", "teacher_num_epochs"})
 DTYPES = ("float32", "bfloat16")
 OBJECTIVE_FIELDS = ("alpha_T", "label_smoothing", "lambda_det", "lambda_adv",
-                    "temperature", "teacher_mode")
+                    "lambda_cls", "temperature", "teacher_mode")
 
 
 class ConfigError(ValueError):

@@ -277,19 +277,17 @@ class _Trainer:
         every_steps=config.log_every_steps)
     step = int(carry.student.step)
     pending = []  # per-step metrics, still on device
-    order_epoch, epoch_order = None, None
+    order_epoch, epoch_order, partner_rows = None, None, None
     try:
       while step < total_steps:
         epoch = step // spe
         if order_epoch != epoch:
-          epoch_order = banks.put_sharded(
-              banks.epoch_order(self.data.layout, self.seed, epoch),
-              self.mesh)
+          epoch_order, partner_rows = self._epoch_rows(epoch)
           order_epoch = epoch
         step_data = step_lib.StepData(
             images=self.data.train_images, labels=self.data.train_labels,
             teacher_bank=teacher_bank, epoch_order=epoch_order,
-            teacher_variables=teacher_variables)
+            teacher_variables=teacher_variables, partner_rows=partner_rows)
         carry, step_metrics = step_fn(carry, step_data)
         pending.append(step_metrics)
         step += 1
@@ -323,6 +321,17 @@ class _Trainer:
       ckpts.close()
       writer.flush()
     return carry
+
+  def _epoch_rows(self, epoch: int) -> tuple[jax.Array, jax.Array | None]:
+    """This epoch's per-device batch order and (CS-KD) partner rows."""
+    layout = self.data.layout
+    order = banks.put_sharded(banks.epoch_order(layout, self.seed, epoch),
+                              self.mesh)
+    if not self.objective.uses_partners:
+      return order, None
+    partners = banks.partner_rows(layout, self.data.train_labels_by_id,
+                                  self.seed, epoch)
+    return order, banks.put_sharded(partners, self.mesh)
 
   def _stop_agreed(self, at_log_step: bool) -> bool:
     """Whether every process stops after this step for a signal.
@@ -472,6 +481,7 @@ def _teacher_stage(config, data, mesh, workdir, signals
 def _empty_teacher_bank(mesh) -> jax.Array:
   """A placeholder bank for steps that read no teacher logits."""
   return banks.put_sharded(np.zeros((mesh.devices.size, 1), np.float32), mesh)
+
 
 
 def check_inputs(config: ml_collections.ConfigDict, workdir: str,

@@ -53,6 +53,8 @@ class StepData:
   images/labels/teacher_bank: rows by example id, sharded over `data`.
   epoch_order: each device's local rows in this epoch's order (banks.py).
   teacher_variables: the frozen teacher, used only with an online teacher.
+  partner_rows: CS-KD's same-class local partner of each row (this epoch);
+    None unless the objective uses partners.
   """
 
   images: jax.Array
@@ -60,6 +62,7 @@ class StepData:
   teacher_bank: jax.Array
   epoch_order: jax.Array
   teacher_variables: Any
+  partner_rows: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,11 @@ def augmentation_key(seed: int, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
+# CS-KD's partner views use their own stream, so an example paired with
+# itself is still seen through two different augmentations.
+_PARTNER_STREAM = 1
+
+
 def _local_train_step(carry: TrainCarry, data: StepData, *,
                       config: StepConfig, model: nn.Module,
                       discriminator: nn.Module,
@@ -119,11 +127,17 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
   rows = lax.dynamic_slice_in_dim(data.epoch_order, start, batch)
   ids = rows + lax.axis_index(DATA_AXIS) * config.rows_per_device
 
-  images = augment_lib.augment(
-      data.images[rows], ids, augmentation_key(config.seed, step),
-      pad=config.crop_padding, flip=config.flip, mean=config.mean,
-      std=config.std)
+  key = augmentation_key(config.seed, step)
+  augment = lambda rows, ids, key: augment_lib.augment(
+      data.images[rows], ids, key, pad=config.crop_padding, flip=config.flip,
+      mean=config.mean, std=config.std)
+  images = augment(rows, ids, key)
   labels = data.labels[rows]
+  if obj.uses_partners:
+    partners = data.partner_rows[rows]
+    partner_images = augment(
+        partners, partners + (ids - rows),
+        jax.random.fold_in(key, _PARTNER_STREAM))
 
   if obj.uses_teacher:
     if obj.teacher_mode == "online":
@@ -152,6 +166,17 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
       terms["det"] = losses.distillation_kl(logits, teacher_logits,
                                             obj.temperature).mean()
       student_loss += obj.lambda_det * terms["det"]
+    if obj.uses_partners:
+      # CS-KD: a second train-mode pass on the same-class partners, without
+      # gradient (its BatchNorm statistics update follows the anchors').
+      partner_logits, model_updates = model.apply(
+          {"params": lax.stop_gradient(params),
+           "batch_stats": model_updates["batch_stats"]}, partner_images,
+          train=True, mutable=["batch_stats"])
+      partner_logits = lax.stop_gradient(partner_logits.astype(jnp.float32))
+      terms["cls"] = losses.distillation_kl(logits, partner_logits,
+                                            obj.temperature).mean()
+      student_loss += obj.lambda_cls * terms["cls"]
     disc_loss = 0.0
     if obj.uses_discriminator:
       # The student's term sees phi as a constant; the discriminator's term
@@ -232,7 +257,8 @@ def make_train_step(mesh: jax.sharding.Mesh, config: StepConfig, *,
   carry_spec = TrainCarry(student=P(), discriminator=P(),
                           prediction_bank=sharded)
   data_spec = StepData(images=sharded, labels=sharded, teacher_bank=sharded,
-                       epoch_order=sharded, teacher_variables=P())
+                       epoch_order=sharded, teacher_variables=P(),
+                       partner_rows=sharded)
   mapped = jax.shard_map(local, mesh=mesh, in_specs=(carry_spec, data_spec),
                          out_specs=(carry_spec, P()))
   # Explicit output shardings keep the carry's shardings equal to its input

@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = config_dict.placeholder(float)
   config.lambda_det = config_dict.placeholder(float)
   config.lambda_adv = config_dict.placeholder(float)
+  config.lambda_cls = config_dict.placeholder(float)  # CS-KD's weight
   config.temperature = config_dict.placeholder(float)
   config.teacher_mode = config_dict.placeholder(str)  # precomputed | online
 

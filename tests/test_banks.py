@@ -251,3 +251,26 @@ def test_initial_prediction_bank_shards_on_eight_devices(cpu_devices_runner):
       # One one-hot row per real example; device 7 holds 21 real rows.
       assert sh["row_sums"] == layout.valid_rows(d)
   assert [tuple(x) for x in out["image_shards"]] == [(26, 8, 8, 1)]
+
+
+def test_partner_rows_pair_local_rows_of_the_same_class():
+  layout = banks.RowLayout(37, 4)  # S = 10, last device 7 valid rows.
+  labels = np.random.default_rng(0).integers(0, 3, 37).astype(np.int32)
+  labels_by_id = banks.arrange_by_id(labels, banks.example_ids(37, 0),
+                                     layout.num_rows, fill=-1)
+  partners = banks.partner_rows(layout, labels_by_id, seed=0, epoch=0)
+  chex.assert_shape(partners, (layout.num_rows,))
+  s = layout.rows_per_device
+  for d in range(4):
+    block = partners[d * s:(d + 1) * s]
+    valid = layout.valid_rows(d)
+    assert np.all((block >= 0) & (block < valid) | (np.arange(s) >= valid))
+    local_labels = labels_by_id[d * s:(d + 1) * s]
+    np.testing.assert_array_equal(local_labels[block[:valid]],
+                                  local_labels[:valid])
+    # Padding rows point at themselves.
+    np.testing.assert_array_equal(block[valid:], np.arange(valid, s))
+  again = banks.partner_rows(layout, labels_by_id, seed=0, epoch=0)
+  np.testing.assert_array_equal(partners, again)
+  other = banks.partner_rows(layout, labels_by_id, seed=0, epoch=1)
+  assert not np.array_equal(partners, other)

@@ -586,3 +586,42 @@ def test_ai_kd_step_with_bfloat16_bank():
   m = host_metrics(metrics)
   assert m["loss/student"] == pytest.approx(
       m["loss/prog"] + 1.0 * m["loss/det"] + 0.1 * m["loss/adv"], rel=1e-5)
+
+
+# --- CS-KD -----------------------------------------------------------------
+
+
+def _cs_kd_run(dataset, n=64, c=4, b=16):
+  layout = banks.RowLayout(n, 1)
+  setup = build_setup(one_device_mesh(), layout, dataset,
+                      banks.example_ids(n, 0), method="cs_kd",
+                      per_device_batch=b,
+                      steps_per_epoch=layout.steps_per_epoch(b),
+                      num_epochs=2, num_classes=c, crop_padding=0,
+                      flip=False)
+  partners = banks.partner_rows(layout, setup.labels_by_id, seed=0, epoch=0)
+  data = setup.data(banks.epoch_order(layout, seed=0, epoch=0)).replace(
+      partner_rows=banks.put_sharded(partners, setup.mesh))
+  return setup.step_fn(setup.carry, data)
+
+
+def test_cs_kd_class_wise_term_vanishes_when_a_class_is_one_image():
+  # Every image of a class is the same and augmentation is off, so each
+  # partner batch equals its anchor batch: the KL between them is 0.
+  n, c = 64, 4
+  labels = (np.arange(n) % c).astype(np.int32)
+  class_images = np.random.default_rng(0).integers(
+      0, 256, (c,) + IMAGE_SHAPE, dtype=np.uint8)
+  dataset = (class_images[labels], labels, np.zeros((n, c), np.float32))
+  _, metrics = _cs_kd_run(dataset, n, c)
+  assert set(metrics) >= {"loss/cls", "loss/prog", "loss/student"}
+  np.testing.assert_allclose(float(metrics["loss/cls"]), 0.0, atol=1e-6)
+
+
+def test_cs_kd_step_adds_the_class_wise_term():
+  _, metrics = _cs_kd_run(random_dataset(64, 4, seed=3))
+  cls = float(metrics["loss/cls"])
+  assert cls > 1e-4 and np.isfinite(cls)
+  # lambda_cls = 1: the student loss is the sum of the two terms.
+  np.testing.assert_allclose(float(metrics["loss/student"]),
+                             float(metrics["loss/prog"]) + cls, rtol=1e-5)

@@ -1,0 +1,301 @@
+"""Helpers for end-to-end tests that run main.py in a subprocess.
+
+They start `main.py` the way a person would, watch its log while it runs
+(to kill or signal it at a chosen moment), fingerprint every file of a
+workdir, and read a stage's checkpoints back with orbax for bitwise
+comparisons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+STAGES = ("teacher", "teacher_logits", "student")
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+# The digits demo shortened: 22 steps per epoch (1438 examples, batch 64),
+# a 2-epoch teacher and a 3-epoch student; a whole run is ~45 s on 2 cores,
+# most of it JIT compilation.
+STEPS_PER_EPOCH = 22
+TEACHER_EPOCHS = 2
+STUDENT_EPOCHS = 3
+SHORT_DIGITS = ("--config.num_epochs=3", "--config.teacher_num_epochs=2",
+                "--config.log_every_steps=5")
+
+# A training log line: "[<step>] loss/..." written by clu's logging writer.
+STEP_LINE_PATTERN = r"\] \[\d+\] loss/"
+_LOSS_LINE = re.compile(r"\] \[(\d+)\] loss/")
+
+
+def main_command(workdir: str, *overrides: str,
+                 config: str = "configs/digits.py") -> list[str]:
+  """The command line of a run: main.py, the config, --workdir, overrides."""
+  return [PYTHON, "main.py", f"--config={config}", f"--workdir={workdir}",
+          *overrides]
+
+
+def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  env.pop("XLA_FLAGS", None)
+  if num_devices is not None:
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={num_devices}")
+  return env
+
+
+@dataclasses.dataclass
+class Finished:
+  """What a finished run left behind: exit status, output, wall time."""
+
+  returncode: int
+  output: str
+  seconds: float
+
+  def lines(self, pattern: str) -> list[str]:
+    return [l for l in self.output.splitlines() if re.search(pattern, l)]
+
+  def tail(self, chars: int = 6000) -> str:
+    return self.output[-chars:]
+
+
+def run_main(workdir: str, *overrides: str, num_devices: int | None = None,
+             timeout: float = 300.0) -> Finished:
+  """Runs main.py to the end; stdout and stderr together in `output`."""
+  start = time.monotonic()
+  proc = subprocess.run(main_command(workdir, *overrides), cwd=REPO_ROOT,
+                        env=subprocess_env(num_devices),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True, timeout=timeout, check=False)
+  return Finished(proc.returncode, proc.stdout, time.monotonic() - start)
+
+
+class MainProcess:
+  """main.py running in the background, its output collected line by line.
+
+  Each line is stored with the monotonic time it was read, so a test can
+  measure how long the run took to reach a given point.
+  """
+
+  def __init__(self, workdir: str, *overrides: str,
+               num_devices: int | None = None):
+    self.workdir = workdir
+    self.start = time.monotonic()
+    self.proc = subprocess.Popen(
+        main_command(workdir, *overrides), cwd=REPO_ROOT,
+        env=subprocess_env(num_devices), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, bufsize=1)
+    self.lines: list[tuple[float, str]] = []
+    self._lock = threading.Lock()
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self) -> None:
+    for line in self.proc.stdout:
+      with self._lock:
+        self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+  def snapshot(self) -> list[str]:
+    with self._lock:
+      return [line for _, line in self.lines]
+
+  def first_time(self, pattern: str, after: float = 0.0) -> float | None:
+    """Seconds from start to the first line matching `pattern` that was
+    read at least `after` seconds from start."""
+    with self._lock:
+      for t, line in self.lines:
+        if t - self.start >= after and re.search(pattern, line):
+          return t - self.start
+    return None
+
+  def running(self) -> bool:
+    return self.proc.poll() is None
+
+  def wait_until(self, condition: Callable[[], bool], timeout: float = 240.0,
+                 poll: float = 0.001) -> bool:
+    """Polls `condition` until true (True) or the process ends (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      if condition():
+        return True
+      if not self.running():
+        return condition()
+      time.sleep(poll)
+    raise TimeoutError(f"condition not met in {timeout}s; output:\n"
+                       + "\n".join(self.snapshot()[-40:]))
+
+  def send(self, sig: int) -> bool:
+    """Sends `sig`; False if the process had already exited."""
+    if not self.running():
+      return False
+    try:
+      os.kill(self.proc.pid, sig)
+    except ProcessLookupError:
+      return False
+    return True
+
+  def finish(self, timeout: float = 300.0) -> Finished:
+    """Waits for the exit; returns the whole output."""
+    returncode = self.proc.wait(timeout=timeout)
+    self._reader.join(timeout=30)
+    with self._lock:
+      output = "\n".join(line for _, line in self.lines)
+    return Finished(returncode, output, time.monotonic() - self.start)
+
+def logged_steps(lines: list[str], marker: str | None = None,
+                 exclude: str | None = None) -> list[int]:
+  """Steps of the "[step] loss/..." training-log lines, in order.
+
+  `marker` keeps only lines containing it, `exclude` drops lines containing
+  it (the student of ai_kd logs loss/adv, the `ce` teacher does not).
+  """
+  steps = []
+  for line in lines:
+    if marker is not None and marker not in line:
+      continue
+    if exclude is not None and exclude in line:
+      continue
+    match = _LOSS_LINE.search(line)
+    if match:
+      steps.append(int(match.group(1)))
+  return steps
+
+
+def tmp_checkpoint_dirs(workdir: str) -> list[str]:
+  """Orbax's unfinished step folders under any stage's checkpoints."""
+  found = []
+  for stage in STAGES:
+    directory = os.path.join(workdir, stage, "checkpoints")
+    try:
+      names = os.listdir(directory)
+    except FileNotFoundError:
+      continue
+    found += [os.path.join(directory, n) for n in names if TMP_MARKER in n]
+  return found
+
+
+def checkpoint_steps(workdir: str, stage: str) -> list[int]:
+  directory = os.path.join(workdir, stage, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def stage_complete(workdir: str, stage: str) -> bool:
+  path = os.path.join(workdir, stage, "results.json")
+  return os.path.exists(path)
+
+
+def file_digests(root: str) -> dict[str, str]:
+  """sha256 of every file under `root`, by relative path (dirs as 'dir')."""
+  digests = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames:
+      rel = os.path.relpath(os.path.join(dirpath, name), root)
+      digests[rel] = "dir"
+    for name in filenames:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        digests[os.path.relpath(path, root)] = hashlib.sha256(
+            f.read()).hexdigest()
+  return digests
+
+
+def copy_workdir(source: str, target: str,
+                 stages: tuple[str, ...] = STAGES) -> str:
+  """Copies config.json and the named stages' folders of a workdir."""
+  os.makedirs(target)
+  shutil.copy2(os.path.join(source, "config.json"), target)
+  for stage in stages:
+    if os.path.isdir(os.path.join(source, stage)):
+      shutil.copytree(os.path.join(source, stage),
+                      os.path.join(target, stage))
+  return target
+
+
+def load_checkpoint(workdir: str, stage: str, step: int | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """A stage's checkpoint (the latest if `step` is None) as host arrays.
+
+  Returns the `state` item flattened to {"path": np.ndarray} and the
+  `progress` item as saved.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  directory = os.path.abspath(os.path.join(workdir, stage, "checkpoints"))
+  manager = ocp.CheckpointManager(directory, item_names=("state", "progress"))
+  try:
+    if step is None:
+      step = manager.latest_step()
+    assert step is not None, f"no checkpoint in {directory}"
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  flat = {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(
+              restored["state"])}
+  return flat, restored["progress"]
+
+
+def final_arrays(workdir: str) -> dict[str, np.ndarray]:
+  """Every array of the final checkpoints of all three stages."""
+  arrays = {}
+  for stage in STAGES:
+    flat, _ = load_checkpoint(workdir, stage)
+    arrays.update({f"{stage}{path}": leaf for path, leaf in flat.items()})
+  return arrays
+
+
+def bitwise_differences(a: dict[str, np.ndarray],
+                        b: dict[str, np.ndarray]) -> list[str]:
+  """Names of the leaves that differ in presence, shape, dtype or any bit."""
+  diffs = sorted(set(a) ^ set(b))
+  for name in sorted(set(a) & set(b)):
+    x, y = a[name], b[name]
+    if x.dtype != y.dtype or x.shape != y.shape:
+      diffs.append(f"{name}: {x.dtype}{x.shape} vs {y.dtype}{y.shape}")
+    elif x.tobytes() != y.tobytes():
+      # tobytes(): bitwise, so NaN payloads and -0.0 count as they should.
+      count = int(np.sum(x != y))
+      diffs.append(f"{name}: {count} of {x.size} elements differ")
+  return diffs
+
+
+def read_results(workdir: str, stage: str) -> dict[str, Any]:
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, stage, "results.json")) as f:
+    return json.load(f)
+
+
+def comparable_results(workdir: str) -> dict[str, Any]:
+  """The results files minus what may differ between equal runs (timing)."""
+  results = {}
+  for stage in STAGES:
+    payload = read_results(workdir, stage)
+    payload.pop("seconds", None)
+    results[stage] = payload
+  return results
+
+
+def kill_if_running(process: MainProcess) -> None:
+  """SIGKILLs our own child (by its pid) if it is still running."""
+  if process.running():
+    os.kill(process.proc.pid, signal.SIGKILL)
+  process.proc.wait(timeout=60)

@@ -1,0 +1,471 @@
+"""Resuming main.py: kills, signals, stage-aware reruns, config memory, NaN.
+
+Every test drives `main.py` in a subprocess on the shortened digits demo
+(e2e_util.SHORT_DIGITS: 2 teacher epochs, 3 student epochs, 22 steps per
+epoch) and compares what a stopped-and-resumed run leaves behind with one
+uninterrupted run of the same command (the `reference` fixture): every
+array of the final checkpoints of all three stages, bit for bit, and the
+results files.
+
+The stops share one workdir (the `stopped_run` fixture) because each run
+costs ~15-25 s of JIT compilation: kill -9 in stage 1, during a checkpoint
+save, in stage 2 and in stage 3, SIGINT during an end-of-epoch evaluation and
+SIGTERM mid-epoch, each followed by a rerun of the same command. The
+fixture only records; the tests below judge one aspect each.
+
+Some tests start from a copy of the reference run's finished `teacher` and
+`teacher_logits` folders and config.json: exactly the workdir a run stopped
+right after stage 2 leaves behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import e2e_util as u
+
+FLAGS = u.SHORT_DIGITS
+SPE = u.STEPS_PER_EPOCH
+TEACHER_STEPS = u.TEACHER_EPOCHS * SPE
+STUDENT_STEPS = u.STUDENT_EPOCHS * SPE
+SEED = 20251125  # the stop moments are random, and reproducible
+# The student of ai_kd logs its adversarial term; the `ce` teacher does not.
+STUDENT_MARK = "loss/adv"
+EPOCH_LINE = r"(teacher|student) epoch \d+/\d+:"
+STEP_LINE = u.STEP_LINE_PATTERN
+_STOP_MESSAGE = (r"(?P<signal>SIG\w+) received: saved a checkpoint at step "
+                 r"(?P<step>\d+) of the (?P<stage>\w+) stage\. Rerun the same "
+                 r"command with the same --workdir to resume\.")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> str:
+  """The uninterrupted run every resumed run must reproduce."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  run = u.run_main(workdir, *FLAGS)
+  assert run.returncode == 0, run.tail()
+  assert u.checkpoint_steps(workdir, "student")[-1] == STUDENT_STEPS
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference_arrays(reference) -> dict[str, np.ndarray]:
+  return u.final_arrays(reference)
+
+
+def _after_stage2(reference: str, workdir: str) -> str:
+  """A workdir holding the reference run's finished stages 1 and 2."""
+  return u.copy_workdir(reference, workdir,
+                        stages=("teacher", "teacher_logits"))
+
+
+def _assert_same_as_reference(workdir: str, reference: str,
+                              reference_arrays: dict) -> None:
+  assert not u.tmp_checkpoint_dirs(workdir)
+  diffs = u.bitwise_differences(u.final_arrays(workdir), reference_arrays)
+  assert not diffs, "final checkpoints differ from the reference:\n" + (
+      "\n".join(diffs[:30]))
+  # The comparison covers every array the requirement names.
+  names = " ".join(reference_arrays)
+  for part in ("student['student']['params']",
+               "student['student']['batch_stats']",
+               "student['student']['opt_state']",
+               "student['discriminator']['params']",
+               "student['discriminator']['opt_state']",
+               "student['prediction_bank']",
+               "teacher['student']['params']",
+               "teacher_logits['teacher_bank']"):
+    assert part in names, part
+  assert u.comparable_results(workdir) == u.comparable_results(reference)
+
+
+def _expected_resume_lines(workdir: str) -> list[str]:
+  """What a rerun must log, given the workdir it starts from."""
+  expected = []
+  for stage in u.STAGES:
+    if u.stage_complete(workdir, stage):
+      expected.append(f"{stage}: finished earlier")
+      continue
+    steps = u.checkpoint_steps(workdir, stage)
+    if steps and stage != "teacher_logits":
+      expected.append(f"{stage}: resumed from step {steps[-1]} ")
+    break
+  return expected
+
+
+# --- 1-2. One workdir, stopped six times ------------------------------------
+
+
+@dataclasses.dataclass
+class Stop:
+  """One run of the chain and what stopped it."""
+
+  kind: str  # the planned moment
+  how: str  # SIGKILL, SIGTERM, SIGINT, or "" (ran to its end)
+  target: int | None  # the logged step that triggered the stop
+  delay: float  # seconds between the trigger and the signal
+  expected_lines: list[str]  # stage-aware lines the run had to log
+  run: u.Finished = None
+  hit: str = ""  # what the stop actually hit, judged afterwards
+  stopped_at: int | None = None  # the step a SIGTERM/SIGINT stop names
+  latest_after: dict = None  # latest checkpoint step per stage afterwards
+  complete_after: dict = None  # per stage: results.json says finished
+  progress_after: dict | None = None  # the student's latest `progress`
+  resumed_s: float | None = None  # start -> "resumed from step" line
+  first_step_s: float | None = None  # start -> first step log after it
+
+
+# (moment, signal). Order matters: each run resumes the previous one.
+PLAN = (("stage1_train", signal.SIGKILL),
+        ("checkpoint_save", signal.SIGKILL),
+        ("stage2", signal.SIGKILL),
+        ("epoch_end_eval", signal.SIGINT),
+        ("stage3_train", signal.SIGKILL),
+        ("mid_epoch", signal.SIGTERM),
+        ("final", None))
+
+
+def _stop_once(workdir: str, kind: str, sig, rng: random.Random) -> Stop:
+  tmp_before = set(u.tmp_checkpoint_dirs(workdir))
+  bank_dir = os.path.join(workdir, "teacher_logits", "checkpoints")
+  bank_dir_before = os.path.isdir(bank_dir)
+  stop = Stop(kind=kind, how=sig.name if sig else "", target=None, delay=0.0,
+              expected_lines=_expected_resume_lines(workdir))
+  proc = u.MainProcess(workdir, *FLAGS)
+  student = lambda: u.logged_steps(proc.snapshot(), marker=STUDENT_MARK)
+  if kind == "stage1_train":
+    stop.target = rng.randrange(3, TEACHER_STEPS - 3)
+    stop.delay = rng.uniform(0, 0.01)
+    trigger = lambda: any(s >= stop.target for s in u.logged_steps(
+        proc.snapshot(), exclude=STUDENT_MARK))
+  elif kind == "checkpoint_save":
+    trigger = lambda: bool(set(u.tmp_checkpoint_dirs(workdir)) - tmp_before)
+  elif kind == "stage2":
+    # Stage 2 opens its checkpoint folder first, then needs ~1 s (eval-mode
+    # pass over the train split, the save, results.json).
+    stop.delay = rng.uniform(0, 0.3)
+    trigger = lambda: not bank_dir_before and os.path.isdir(bank_dir)
+  elif kind == "epoch_end_eval":
+    # Step 22's losses are logged just before epoch 1's test evaluation
+    # (~0.3 s with its first-use compilation) and the epoch's checkpoint.
+    stop.target = SPE
+    trigger = lambda: SPE in student()
+  elif kind == "stage3_train":
+    stop.target = rng.randrange(SPE + 2, 2 * SPE - 1)
+    stop.delay = rng.uniform(0, 0.01)
+    trigger = lambda: any(s >= stop.target for s in student())
+  elif kind == "mid_epoch":
+    stop.target = rng.randrange(2 * SPE + 1, 2 * SPE + 10)
+    trigger = lambda: any(s >= stop.target for s in student())
+  else:
+    trigger = lambda: False
+  fired = proc.wait_until(trigger, timeout=300)
+  if fired and stop.delay:
+    time.sleep(stop.delay)
+  sent = fired and sig is not None and proc.send(sig)
+  stop.run = proc.finish()
+  stop.resumed_s = proc.first_time(r"resumed from step")
+  if stop.resumed_s is not None:
+    stop.first_step_s = proc.first_time(STEP_LINE, after=stop.resumed_s)
+  stop.latest_after = {s: (u.checkpoint_steps(workdir, s) or [None])[-1]
+                       for s in u.STAGES}
+  stop.complete_after = {s: u.stage_complete(workdir, s) for s in u.STAGES}
+  message = re.search(_STOP_MESSAGE, stop.run.output)
+  if message:
+    stop.stopped_at = int(message["step"])
+  if not sent:
+    stop.hit = "ran to its end"
+  elif sig != signal.SIGKILL:
+    stop.hit = f"{sig.name} handled at step {stop.stopped_at}"
+  elif set(u.tmp_checkpoint_dirs(workdir)) - tmp_before:
+    stop.hit = "checkpoint_save"
+  elif not u.stage_complete(workdir, "teacher"):
+    stop.hit = "stage1_train"
+  elif not u.stage_complete(workdir, "teacher_logits"):
+    stop.hit = "stage2"
+  elif not u.stage_complete(workdir, "student"):
+    stop.hit = "stage3_train" if u.logged_steps(
+        stop.run.output.splitlines(), marker=STUDENT_MARK) else (
+            "stage3_startup")
+  else:
+    stop.hit = "after the end"
+  if sig in (signal.SIGTERM, signal.SIGINT) and stop.latest_after["student"]:
+    _, stop.progress_after = u.load_checkpoint(workdir, "student")
+  return stop
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> tuple[str, list[Stop]]:
+  """One workdir run with every stop of PLAN, then to its end."""
+  rng = random.Random(SEED)
+  workdir = str(tmp_path_factory.mktemp("stopped") / "run")
+  stops = []
+  for kind, sig in PLAN:
+    stop = _stop_once(workdir, kind, sig, rng)
+    stops.append(stop)
+    timing = (f"; 'resumed from step' at {stop.resumed_s:.1f}s, first step "
+              f"logged at {stop.first_step_s or float('nan'):.1f}s"
+              if stop.resumed_s is not None else "")
+    print(f"\n{kind}: {stop.how or 'no signal'} -> {stop.hit} (target "
+          f"{stop.target}, delay {stop.delay:.3f}s), rc "
+          f"{stop.run.returncode}, {stop.run.seconds:.1f}s, latest "
+          f"checkpoints {stop.latest_after}{timing}")
+  return workdir, stops
+
+
+def _stop(stops: list[Stop], kind: str) -> tuple[Stop, Stop]:
+  """The stop of `kind` and the run after it."""
+  index = [s.kind for s in stops].index(kind)
+  return stops[index], stops[index + 1]
+
+
+def test_kill9_landed_in_every_phase(stopped_run):
+  _, stops = stopped_run
+  kills = [s for s in stops if s.how == "SIGKILL"]
+  hits = {s.hit for s in kills}
+  required = {"stage1_train", "checkpoint_save", "stage2", "stage3_train"}
+  assert required <= hits, [(s.kind, s.hit) for s in kills]
+  for stop in kills:
+    if stop.hit != "ran to its end":
+      assert stop.run.returncode == -signal.SIGKILL, stop.run.tail()
+
+
+def test_every_rerun_resumes_in_the_stage_it_stopped_in(stopped_run):
+  _, stops = stopped_run
+  for stop in stops:
+    assert "Traceback" not in stop.run.output, (stop.kind, stop.run.tail())
+    for line in stop.expected_lines:
+      assert line in stop.run.output, (stop.kind, line, stop.run.tail())
+  # A stop inside stage 3 reruns no earlier stage.
+  for stop in stops[stops.index(_stop(stops, "epoch_end_eval")[1]):]:
+    assert not re.search(r"teacher epoch \d", stop.run.output), stop.kind
+    assert "teacher_logits: finished earlier" in stop.run.output, stop.kind
+
+
+def test_sigterm_mid_epoch_saves_a_checkpoint_and_exits_0(stopped_run):
+  _, stops = stopped_run
+  stop, rerun = _stop(stops, "mid_epoch")
+  run = stop.run
+  assert run.returncode == 0, run.tail()
+  message = re.search(_STOP_MESSAGE, run.output)
+  assert message, run.tail()
+  assert message["signal"] == "SIGTERM" and message["stage"] == "student"
+  step = stop.stopped_at
+  assert stop.target <= step < STUDENT_STEPS and step % SPE, step
+  assert stop.latest_after["student"] == step  # not an epoch boundary
+  assert stop.progress_after["epoch_steps"] == step % SPE
+  assert len(stop.progress_after["history"]) == step // SPE
+  assert not stop.complete_after["student"]
+  assert f"student: resumed from step {step} " in rerun.run.output
+
+
+def test_sigint_at_an_epoch_end_saves_once_and_exits_0(stopped_run):
+  _, stops = stopped_run
+  stop, rerun = _stop(stops, "epoch_end_eval")
+  run = stop.run
+  assert run.returncode == 0, run.tail()
+  assert "Traceback" not in run.output, run.tail()
+  message = re.search(_STOP_MESSAGE, run.output)
+  assert message, run.tail()
+  assert message["signal"] == "SIGINT" and message["stage"] == "student"
+  if stop.stopped_at != SPE:
+    print(f"note: SIGINT was handled at step {stop.stopped_at}, after the "
+          "end of epoch 1")
+  assert stop.latest_after["student"] == stop.stopped_at
+  assert len(stop.progress_after["history"]) == stop.stopped_at // SPE
+  assert f"student: resumed from step {stop.stopped_at} " in rerun.run.output
+
+
+def test_stopped_run_ends_bitwise_identical_to_uninterrupted_run(
+    stopped_run, reference, reference_arrays):
+  workdir, stops = stopped_run
+  final = stops[-1]
+  assert final.run.returncode == 0, final.run.tail()
+  assert "student (ai_kd): last epoch top-1 error" in final.run.output
+  _assert_same_as_reference(workdir, reference, reference_arrays)
+
+
+# --- 3. Stage-aware reruns --------------------------------------------------
+
+
+def _digests_without_events(workdir: str) -> dict[str, str]:
+  return {k: v for k, v in u.file_digests(workdir).items()
+          if "events.out.tfevents" not in k}
+
+
+def test_rerun_of_a_finished_run_skips_every_stage(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  before = _digests_without_events(workdir)
+  run = u.run_main(workdir, *FLAGS)
+  assert run.returncode == 0, run.tail()
+  for line in ("teacher: finished earlier; loading its final state.",
+               "teacher_logits: finished earlier; loading the bank.",
+               "student: finished earlier; nothing to do."):
+    assert line in run.output, run.tail()
+  assert not run.lines(EPOCH_LINE), "a finished stage trained again"
+  assert not run.lines(STEP_LINE)
+  assert "student (ai_kd): last epoch top-1 error" in run.output
+  assert _digests_without_events(workdir) == before
+
+
+def test_rerun_after_a_kill_between_bank_checkpoint_and_results_file(
+    reference, tmp_path):
+  """A kill after stage 2's checkpoint is committed, before results.json.
+
+  _teacher_logits_stage saves the bank, waits for the save, then writes
+  results.json; a kill -9 between the two leaves a finished bank checkpoint
+  and no results file. That workdir is built here from the reference run
+  (delete teacher_logits/results.json; no student folder yet). The rerun
+  must get past stage 2 with the same bank.
+  """
+  workdir = _after_stage2(reference, str(tmp_path / "run"))
+  os.remove(os.path.join(workdir, "teacher_logits", "results.json"))
+  results = os.path.join(workdir, "teacher_logits", "results.json")
+  proc = u.MainProcess(workdir, *FLAGS)
+  # Stage 2 is what is under test; stage 3 would cost ~20 s to compile.
+  reached = proc.wait_until(lambda: os.path.exists(results), timeout=300)
+  u.kill_if_running(proc)
+  run = proc.finish()
+  assert reached and "Traceback" not in run.output, run.tail()
+  bank, _ = u.load_checkpoint(workdir, "teacher_logits")
+  reference_bank, _ = u.load_checkpoint(reference, "teacher_logits")
+  assert not u.bitwise_differences(bank, reference_bank)
+
+
+# --- 4. The workdir remembers its config ------------------------------------
+
+
+def test_resume_with_result_changing_fields_is_refused(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  before = u.file_digests(workdir)
+  run = u.run_main(workdir, *FLAGS, "--config.lambda_adv=0.2",
+                   "--config.seed=1", "--config.method=ps_kd",
+                   "--config.batch_size=32", "--config.lr_decay_epochs=(1,2)",
+                   "--config.model=preact_resnet18")
+  assert run.returncode not in (0, None), run.tail()
+  assert "error: The workdir" in run.output, run.tail()
+  assert "holds a run with a different config" in run.output
+  fields = ("  lambda_adv: None (saved) -> 0.2 (now)",
+            "  seed: 0 (saved) -> 1 (now)",
+            "  method: 'ai_kd' (saved) -> 'ps_kd' (now)",
+            "  batch_size: 64 (saved) -> 32 (now)",
+            "  lr_decay_epochs: [15, 23] (saved) -> [1, 2] (now)",
+            "  model: 'tiny_cnn' (saved) -> 'preact_resnet18' (now)")
+  for field in fields:
+    assert field in run.output, (field, run.tail())
+  listed = set(re.findall(r"^  (\w+): .* \(saved\) -> .* \(now\)$",
+                          run.output, flags=re.M))
+  assert listed == {f.split(":")[0].strip() for f in fields}, listed
+  assert "use a new --workdir" in run.output
+  assert not run.lines(EPOCH_LINE)
+  assert u.file_digests(workdir) == before
+
+
+def test_resume_with_neutral_fields_and_more_epochs_is_accepted(reference,
+                                                                 tmp_path):
+  """Bookkeeping fields change freely; num_epochs 3 -> 4 trains epoch 4."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  teacher_before = {k: v for k, v in _digests_without_events(workdir).items()
+                    if k.startswith("teacher")}
+  run = u.run_main(workdir, *FLAGS, "--config.log_every_steps=7",
+                   "--config.eval_batch_size=256",
+                   "--config.checkpoint_every_epochs=2",
+                   "--config.keep_checkpoints=3", "--config.num_epochs=4")
+  assert run.returncode == 0, run.tail()
+  for note in ("log_every_steps: 5 (saved) -> 7 (now)",
+               "eval_batch_size: 512 (saved) -> 256 (now)",
+               "checkpoint_every_epochs: 1 (saved) -> 2 (now)",
+               "keep_checkpoints: 2 (saved) -> 3 (now)",
+               "num_epochs: 3 (saved) -> 4 (now)"):
+    assert note in run.output, (note, run.tail())
+  assert "Config change accepted on resume" in run.output
+  assert f"student: resumed from step {STUDENT_STEPS} " in run.output
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert saved["log_every_steps"] == 7 and saved["num_epochs"] == 4
+  student = u.read_results(workdir, "student")
+  assert student["num_epochs"] == 4
+  assert [h["epoch"] for h in student["history"]] == [0, 1, 2, 3]
+  reference_history = u.read_results(reference, "student")["history"]
+  assert student["history"][:3] == reference_history
+  assert u.checkpoint_steps(workdir, "student")[-1] == 4 * SPE
+  teacher_after = {k: v for k, v in _digests_without_events(workdir).items()
+                   if k.startswith("teacher")}
+  assert teacher_after == teacher_before
+
+
+# --- 6. NaN / Inf --------------------------------------------------------------
+
+_NON_FINITE = re.compile(
+    r"error: (?P<term>[\w/]+) is (?P<value>nan|inf|-inf) at step "
+    r"(?P<step>\d+) \(epoch (?P<epoch>\d+)\) of the (?P<stage>\w+) stage")
+
+
+def test_non_finite_loss_stops_without_saving_the_bad_state(reference,
+                                                            tmp_path):
+  """The learning rate jumps x1e30 at epoch 1: epoch 0 trains normally and
+  is checkpointed at step 22, a loss term turns NaN a few steps later."""
+  workdir = str(tmp_path / "run")
+  run = u.run_main(workdir, *FLAGS, "--config.lr_decay_epochs=(1,)",
+                   "--config.lr_decay_factor=1e30")
+  assert run.returncode not in (0, None), run.tail()
+  assert "Traceback" not in run.output, run.tail()
+  match = _NON_FINITE.search(run.output)
+  assert match, run.tail()
+  step, epoch = int(match["step"]), int(match["epoch"])
+  assert match["stage"] == "teacher"
+  assert match["term"].startswith("loss/"), match["term"]
+  assert SPE <= step < 2 * SPE and epoch == step // SPE == 1, match[0]
+  assert "Nothing after the last checkpoint was saved" in run.output
+  # The last good checkpoint is still the latest, and it is good: the very
+  # state the reference run saved after epoch 0 (same schedule until then).
+  assert u.checkpoint_steps(workdir, "teacher") == [SPE]
+  assert not u.tmp_checkpoint_dirs(workdir)
+  assert not u.stage_complete(workdir, "teacher")
+  assert not os.path.exists(os.path.join(workdir, "student"))
+  arrays, progress = u.load_checkpoint(workdir, "teacher", SPE)
+  assert all(np.isfinite(v).all() for v in arrays.values()
+             if v.dtype.kind == "f")
+  reference_arrays, reference_progress = u.load_checkpoint(
+      reference, "teacher", SPE)
+  assert not u.bitwise_differences(arrays, reference_arrays)
+  assert progress == reference_progress
+
+
+def test_divergence_first_seen_at_an_epoch_end_stops_cleanly(tmp_path):
+  """One step per epoch (batch 1024 of 1438 examples), lr x1e30 at epoch 1.
+
+  Step 2's update makes the weights ~1e27 (finite), step 3's update makes
+  them non-finite; that shows first in epoch 3's test evaluation, before any
+  loss term is NaN. The run must still stop with a message naming the step
+  and epoch (no traceback), and no checkpoint may hold non-finite arrays.
+  """
+  workdir = str(tmp_path / "run")
+  run = u.run_main(workdir, "--config.num_epochs=3",
+                   "--config.teacher_num_epochs=3",
+                   "--config.log_every_steps=1", "--config.batch_size=1024",
+                   "--config.lr_decay_epochs=(1,)",
+                   "--config.lr_decay_factor=1e30")
+  for step in u.checkpoint_steps(workdir, "teacher"):
+    arrays, _ = u.load_checkpoint(workdir, "teacher", step)
+    bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
+    assert not bad, (step, bad)
+  assert not u.stage_complete(workdir, "teacher")
+  assert run.returncode not in (0, None), run.tail()
+  assert "Traceback" not in run.output, run.tail()
+  errors = run.lines(r"^error: ")
+  assert errors and re.search(r"step \d+", errors[-1]) and re.search(
+      r"epoch \d+", errors[-1]), run.tail()

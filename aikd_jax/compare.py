@@ -16,7 +16,8 @@ command skips the finished runs and resumes the interrupted one.
 DIR holds config.json (the base config; every check of a resumed run applies
 to it), comparison.json (the latest command's methods and seeds: what the
 report covers), teachers/, runs/ and report/. The objective's weights
-(alpha_T, label_smoothing, lambda_det, lambda_adv) cannot be overridden here:
+(alpha_T, label_smoothing, lambda_det, lambda_adv, lambda_cls) cannot be
+overridden here:
 an override would apply to every method and turn the baselines into others.
 """
 
@@ -48,7 +49,8 @@ from aikd_jax import train
 COMPARISON_FILE = report_lib.COMPARISON_FILE
 # Objective fields an override would change for every method at once, turning
 # the baselines into other methods (e.g. alpha_T > 0 makes `ce` PS-KD).
-_PRESET_WEIGHTS = ("alpha_T", "label_smoothing", "lambda_det", "lambda_adv")
+_PRESET_WEIGHTS = ("alpha_T", "label_smoothing", "lambda_det", "lambda_adv",
+                   "lambda_cls")
 
 
 @dataclasses.dataclass(frozen=True)

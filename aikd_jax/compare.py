@@ -17,8 +17,8 @@ DIR holds config.json (the base config; every check of a resumed run applies
 to it), comparison.json (the latest command's methods and seeds: what the
 report covers), teachers/, runs/ and report/. The objective's weights
 (alpha_T, label_smoothing, lambda_det, lambda_adv, lambda_cls) cannot be
-overridden here:
-an override would apply to every method and turn the baselines into others.
+overridden here: an override would apply to every method and turn the
+baselines into others.
 """
 
 from __future__ import annotations

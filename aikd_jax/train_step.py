@@ -220,8 +220,11 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
   bank = carry.prediction_bank
   if obj.uses_progressive:
     # Train-mode softmax of the augmented view, before the update (PS-KD).
-    bank = bank.at[rows].set(
-        lax.stop_gradient(probs).astype(bank.dtype))
+    # Adding 0 * (the rows read above) orders the write after the read, so
+    # XLA updates the donated bank in place instead of copying all of it
+    # (twice) every step; bank rows are finite, so the value is unchanged.
+    new_rows = lax.stop_gradient(probs) + 0.0 * previous
+    bank = bank.at[rows].set(new_rows.astype(bank.dtype))
 
   metrics = {**{f"loss/{k}": v for k, v in terms.items()},
              **{f"train/{k}": v for k, v in aux.items()}}

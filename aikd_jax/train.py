@@ -150,6 +150,32 @@ def _read_results(stage_dir: str, num_epochs: int | None = None
   return results
 
 
+_NO_BAD_STEP = np.iinfo(np.int32).max
+
+
+@jax.jit
+def _no_totals(metrics: dict) -> dict:
+  """Empty interval totals shaped like one step's metrics."""
+  return {"sum": jax.tree.map(jnp.zeros_like, metrics),
+          "first_bad": jax.tree.map(lambda _: jnp.int32(_NO_BAD_STEP),
+                                    metrics)}
+
+
+@jax.jit
+def _accumulate(totals: dict, metrics: dict, step: jax.Array) -> dict:
+  """Adds one step's metrics to the interval's totals, on device.
+
+  Keeps, per metric, the sum and the first step at which it was not finite,
+  so the host reads a few scalars per log interval, not every step's.
+  """
+  first_bad = jax.tree.map(
+      lambda bad, value: jnp.minimum(
+          bad, jnp.where(jnp.isfinite(value), _NO_BAD_STEP, step)),
+      totals["first_bad"], metrics)
+  return {"sum": jax.tree.map(jnp.add, totals["sum"], metrics),
+          "first_bad": first_bad}
+
+
 def _gather(array: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
@@ -276,7 +302,7 @@ class _Trainer:
         num_train_steps=total_steps, writer=writer,
         every_steps=config.log_every_steps)
     step = int(carry.student.step)
-    pending = []  # per-step metrics, still on device
+    totals, count = None, 0  # this log interval's metrics, on device
     order_epoch, epoch_order, partner_rows = None, None, None
     try:
       while step < total_steps:
@@ -289,15 +315,17 @@ class _Trainer:
             teacher_bank=teacher_bank, epoch_order=epoch_order,
             teacher_variables=teacher_variables, partner_rows=partner_rows)
         carry, step_metrics = step_fn(carry, step_data)
-        pending.append(step_metrics)
+        if totals is None:
+          totals = _no_totals(step_metrics)
+        totals, count = _accumulate(totals, step_metrics, step), count + 1
         step += 1
         report(step)
         epoch_done = step % spe == 0
         log_now = epoch_done or step % config.log_every_steps == 0
         stop = self._stop_agreed(log_now)
         if log_now or stop:
-          self._flush(pending, step, progress, writer)
-          pending = []
+          self._flush(totals, count, progress, writer, step)
+          totals, count = None, 0
         if epoch_done:
           with report.timed("eval"):
             self._end_epoch(epoch, carry, predict, progress, writer)
@@ -350,30 +378,27 @@ class _Trainer:
       self.signals.received = "a signal to another process"
     return bool(flags.any())
 
-  def _flush(self, pending: list, step: int, progress: dict,
-             writer) -> None:
-    """Fetches pending step metrics: NaN check, log, add to epoch sums."""
-    if not pending:
+  def _flush(self, totals: dict, count: int, progress: dict, writer,
+             step: int) -> None:
+    """Reads an interval's metric totals: NaN check, log, epoch sums."""
+    if not count:
       return
-    fetched = jax.device_get(pending)
-    first_step = step - len(fetched)
-    for offset, values in enumerate(fetched):
-      for name, value in values.items():
-        if not np.isfinite(value):
-          bad_step = first_step + offset
-          raise NonFiniteLossError(
-              f"{name} is {float(value)} at step {bad_step} (epoch "
-              f"{bad_step // self.steps_per_epoch}) of the {self.stage} "
-              "stage. Nothing after the last checkpoint was saved; lower the "
-              "learning rate or check the data, then rerun.")
+    fetched = jax.device_get(totals)
+    bad = {name: int(s) for name, s in fetched["first_bad"].items()
+           if s != _NO_BAD_STEP}
+    if bad:
+      name, bad_step = min(bad.items(), key=lambda item: (item[1], item[0]))
+      raise NonFiniteLossError(
+          f"{name} is not finite (sum {float(fetched['sum'][name])}) at step "
+          f"{bad_step} (epoch {bad_step // self.steps_per_epoch}) of the "
+          f"{self.stage} stage. Nothing after the last checkpoint was saved; "
+          "lower the learning rate or check the data, then rerun.")
     sums = progress["epoch_sums"]
-    for values in fetched:
-      for name, value in values.items():
-        sums[name] = sums.get(name, 0.0) + float(value)
-    progress["epoch_steps"] += len(fetched)
-    means = {name: float(np.mean([v[name] for v in fetched]))
-             for name in fetched[-1]}
-    writer.write_scalars(step, means)
+    for name, total in fetched["sum"].items():
+      sums[name] = sums.get(name, 0.0) + float(total)
+    progress["epoch_steps"] += count
+    writer.write_scalars(step, {name: float(total) / count
+                                for name, total in fetched["sum"].items()})
 
   def _end_epoch(self, epoch: int, carry: step_lib.TrainCarry, predict,
                  progress: dict, writer) -> None:

@@ -285,10 +285,13 @@ def make_predict_fn(mesh: jax.sharding.Mesh, model: nn.Module, *,
 
   def local(variables, images):
     rows = images.shape[0]
+    # As few chunks as the batch allows, each as even as possible, so the
+    # padding computed is less than one row per chunk.
     chunks = -(-rows // batch_per_device)
-    padded = jnp.pad(images, [(0, chunks * batch_per_device - rows)] +
+    chunk = -(-rows // chunks)
+    padded = jnp.pad(images, [(0, chunks * chunk - rows)] +
                      [(0, 0)] * (images.ndim - 1))
-    padded = padded.reshape((chunks, batch_per_device) + images.shape[1:])
+    padded = padded.reshape((chunks, chunk) + images.shape[1:])
 
     def run(chunk):
       x = augment_lib.normalize(chunk, mean, std)

@@ -1,0 +1,389 @@
+"""Helpers shared by the benchmarks: environment header, timing, synthetic data.
+
+Every benchmark drives the library's own step (`train_step.make_train_step`)
+on data built with the library's own layout functions (`banks.*`); nothing
+here reimplements the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(_HERE)
+for _path in (REPO_ROOT, _HERE):
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from aikd_jax import banks  # pylint: disable=g-import-not-at-top
+from aikd_jax import models  # pylint: disable=g-import-not-at-top
+from aikd_jax import optim  # pylint: disable=g-import-not-at-top
+from aikd_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+from aikd_jax.objective import resolve_objective  # pylint: disable=g-import-not-at-top
+
+# PS-KD's CIFAR-100 constants (METHOD.md).
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+CIFAR_SHAPE = (32, 32, 3)
+CIFAR_CLASSES = 100
+CIFAR_TRAIN = 50_000
+CIFAR_TEST = 10_000
+
+
+# ---------------------------------------------------------------------------
+# Environment and output.
+
+
+def _version(module: str) -> str:
+  try:
+    return getattr(importlib.import_module(module), "__version__", "?")
+  except ImportError:
+    return "absent"
+
+
+def environment() -> dict[str, Any]:
+  """Backend, devices and library versions, as a JSON-able dict."""
+  devices = jax.local_devices()
+  env = {
+      "backend": jax.default_backend(),
+      "device_kind": devices[0].device_kind,
+      "local_device_count": len(devices),
+      "device_count": jax.device_count(),
+      "host": platform.node(),
+      "cpu_count": os.cpu_count(),
+      # Other processes on the host slow every figure: report the load.
+      "load_average_1min": os.getloadavg()[0],
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": _version("jaxlib"),
+      "flax": _version("flax"),
+      "optax": _version("optax"),
+  }
+  # The torch version from its metadata: importing torch here would cost
+  # seconds and, on a GPU, a CUDA context in a JAX-only benchmark.
+  try:
+    env["torch"] = importlib.metadata.version("torch")
+  except importlib.metadata.PackageNotFoundError:
+    env["torch"] = "absent"
+  return env
+  return env
+
+
+def print_header(title: str, **settings: Any) -> dict[str, Any]:
+  """Prints the environment and the run's settings; returns both."""
+  env = environment()
+  print(f"== {title}")
+  print(f"backend={env['backend']} device_kind={env['device_kind']!r} "
+        f"local_devices={env['local_device_count']} "
+        f"cpus={env['cpu_count']} "
+        f"load_average_1min={env['load_average_1min']:.2f}")
+  print(f"jax={env['jax']} jaxlib={env['jaxlib']} flax={env['flax']} "
+        f"optax={env['optax']} torch={env['torch']}")
+  if settings:
+    print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
+  sys.stdout.flush()
+  return {"environment": env, "settings": settings}
+
+
+def write_json(path: str | None, payload: Any) -> None:
+  """Writes `payload` to `path` (atomically); no-op for an empty path."""
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+def int_list(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x.strip()]
+
+
+def str_list(text: str) -> list[str]:
+  return [x.strip() for x in text.split(",") if x.strip()]
+
+
+# ---------------------------------------------------------------------------
+# Timing.
+
+
+def timed_runs(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+  """Seconds of each of `repeats` calls of `fn`, after `warmup` calls.
+
+  Each call's result is passed to `jax.block_until_ready` before the clock
+  stops, so asynchronous dispatch is included in the call that issued it.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+  """Median seconds of `repeats` blocked calls of `fn` after `warmup` ones."""
+  return statistics.median(timed_runs(fn, warmup, repeats))
+
+
+class CompileCounter:
+  """Counts traces and XLA compilations (with their seconds) via jax.monitoring.
+
+  Registered once per process; read the counters before and after a region
+  to see whether anything was traced or compiled inside it.
+  """
+
+  _instance = None
+
+  def __init__(self):
+    self.count = 0  # backend (XLA) compilations
+    self.seconds = 0.0  # their total seconds
+    self.traces = 0  # jaxpr traces (a retrace precedes any recompilation)
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    del kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+      self.seconds += duration
+    elif event == "/jax/core/compile/jaxpr_trace_duration":
+      self.traces += 1
+
+  @classmethod
+  def get(cls) -> "CompileCounter":
+    if cls._instance is None:
+      cls._instance = cls()
+    return cls._instance
+
+
+# ---------------------------------------------------------------------------
+# Synthetic CIFAR-shaped data and a ready-to-run step.
+
+
+def synthetic_arrays(num_examples: int, num_classes: int = CIFAR_CLASSES,
+                     image_shape: Sequence[int] = CIFAR_SHAPE,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Random uint8 images [N, H, W, C] and int32 labels [N] on the host."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (num_examples,) + tuple(image_shape),
+                        dtype=np.uint8)
+  labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
+  return images, labels
+
+
+@dataclasses.dataclass
+class StepBench:
+  """A library train step with its carry and data, ready to be timed.
+
+  `run(k)` issues k consecutive steps (the carry is donated, so each step
+  consumes the previous one's output) and returns the last outputs without
+  blocking; `timed` blocks on them.
+  """
+
+  method: str
+  step_fn: Callable
+  carry: step_lib.TrainCarry
+  data: step_lib.StepData
+  batch_size: int
+  steps_per_epoch: int
+  metrics: Any = None
+
+  def run(self, num_steps: int):
+    for _ in range(num_steps):
+      self.carry, self.metrics = self.step_fn(self.carry, self.data)
+    return self.carry, self.metrics
+
+
+def build_step(method: str, *, mesh: jax.sharding.Mesh, batch_size: int,
+               model_name: str = "preact_resnet18",
+               compute_dtype: str = "float32", bank_dtype: str = "float32",
+               num_examples: int = CIFAR_TRAIN,
+               num_classes: int = CIFAR_CLASSES,
+               image_shape: Sequence[int] = CIFAR_SHAPE,
+               num_epochs: int = 300, seed: int = 0) -> StepBench:
+  """Builds `method`'s train step, carry and data with the library's functions.
+
+  The data is a synthetic, CIFAR-shaped training set laid out by example id
+  and sharded over the mesh's `data` axis exactly as train.place_dataset does;
+  the teacher-logit bank (precomputed teacher) holds random logits; an online
+  teacher is a freshly initialised model of the same architecture.
+  """
+  objective = resolve_objective(method)
+  num_devices = mesh.devices.size
+  if batch_size % num_devices:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the "
+                     f"{num_devices} devices.")
+  per_device = batch_size // num_devices
+  layout = banks.RowLayout(num_examples, num_devices)
+  steps_per_epoch = layout.steps_per_epoch(per_device)
+  if steps_per_epoch == 0:
+    raise ValueError(f"num_examples={num_examples} gives no full batch of "
+                     f"{batch_size}; raise --num_examples.")
+  images, labels = synthetic_arrays(num_examples, num_classes, image_shape,
+                                    seed)
+  ids = banks.example_ids(num_examples, seed)
+  images_by_id = banks.arrange_by_id(images, ids, layout.num_rows)
+  labels_by_id = banks.arrange_by_id(labels, ids, layout.num_rows, fill=-1)
+  del images
+
+  dtype = models.compute_dtype(compute_dtype)
+  model = models.create_model(model_name, num_classes, dtype,
+                              bn_axis_name=banks.DATA_AXIS)
+  eval_model = models.create_model(model_name, num_classes, dtype)
+  discriminator = models.Discriminator()
+  learning_rate = optim.student_learning_rate(0.1, (150, 225), 0.1,
+                                              steps_per_epoch)
+  tx = optim.student_optimizer(learning_rate, momentum=0.9, nesterov=True,
+                               weight_decay=5e-4)
+  disc_tx = optim.discriminator_optimizer(2e-4, 0.5, 0.999)
+  student_key, disc_key, teacher_key = jax.random.split(
+      jax.random.key(seed), 3)
+  replicated = banks.replicated(mesh)
+
+  def init():
+    return (step_lib.create_student_state(eval_model, image_shape, tx,
+                                          student_key),
+            step_lib.create_discriminator_state(discriminator, num_classes,
+                                                disc_tx, disc_key))
+
+  student, disc = jax.jit(init, out_shardings=replicated)()
+  bank = banks.initial_prediction_bank(labels_by_id, num_classes, bank_dtype,
+                                       mesh)
+  carry = step_lib.TrainCarry(student, disc, bank)
+
+  teacher_model, teacher_variables = None, {}
+  if objective.uses_teacher and objective.teacher_mode == "online":
+    teacher_model = eval_model
+    teacher_variables = jax.jit(
+        lambda: eval_model.init(teacher_key,
+                                jnp.zeros((1,) + tuple(image_shape)),
+                                train=False),
+        out_shardings=replicated)()
+    teacher_bank = banks.put_sharded(
+        np.zeros((num_devices, 1), np.float32), mesh)
+  elif objective.uses_teacher:
+    rng = np.random.default_rng(seed + 1)
+    teacher_bank = banks.put_sharded(
+        (3.0 * rng.standard_normal((layout.num_rows, num_classes))).astype(
+            jnp.dtype(bank_dtype)), mesh)
+  else:
+    # What train.py passes when no teacher is used: a placeholder.
+    teacher_bank = banks.put_sharded(
+        np.zeros((num_devices, 1), np.float32), mesh)
+
+  config = step_lib.StepConfig(
+      objective=objective, num_classes=num_classes, num_epochs=num_epochs,
+      steps_per_epoch=steps_per_epoch, per_device_batch=per_device,
+      rows_per_device=layout.rows_per_device, seed=seed, crop_padding=4,
+      flip=True, mean=CIFAR_MEAN[:image_shape[-1]],
+      std=CIFAR_STD[:image_shape[-1]], sync_batch_norm=True)
+  step_fn = step_lib.make_train_step(
+      mesh, config, model=model, discriminator=discriminator,
+      learning_rate=learning_rate, teacher_model=teacher_model)
+  data = step_lib.StepData(
+      images=banks.put_sharded(images_by_id, mesh),
+      labels=banks.put_sharded(labels_by_id, mesh),
+      teacher_bank=teacher_bank,
+      epoch_order=banks.put_sharded(banks.epoch_order(layout, seed, 0), mesh),
+      teacher_variables=teacher_variables)
+  return StepBench(method=method, step_fn=step_fn, carry=carry, data=data,
+                   batch_size=batch_size, steps_per_epoch=steps_per_epoch)
+
+
+def first_call(bench: StepBench) -> dict[str, float]:
+  """Runs the first step (trace + compile + one step), blocked; its cost."""
+  counter = CompileCounter.get()
+  before, seconds_before = counter.count, counter.seconds
+  traces_before = counter.traces
+  start = time.perf_counter()
+  jax.block_until_ready(bench.run(1))
+  return {"first_call_s": time.perf_counter() - start,
+          "traces_in_first_call": counter.traces - traces_before,
+          # 0 with a persistent-compilation-cache hit.
+          "compiles_in_first_call": counter.count - before,
+          "xla_compile_s": counter.seconds - seconds_before}
+
+
+def measure_steps(benches: Sequence[StepBench], *, steps_per_run: int,
+                  warmup: int, repeats: int) -> list[dict[str, Any]]:
+  """Times runs of `steps_per_run` consecutive steps of each bench.
+
+  Each bench first gets its compiling first call and `warmup` untimed runs;
+  then the timed runs are interleaved (bench 1, 2, ..., 1, 2, ...) so that a
+  change of machine load over time affects every bench alike. A run's clock
+  stops when its last step has finished (block_until_ready on the carry and
+  metrics); the step is donated and asynchronous, so nothing blocks between
+  the steps of a run.
+
+  Returns, per bench: first-call seconds, the median and all per-step
+  seconds, images/sec, and how many traces and compilations happened after
+  the first call (0 and 0: the step never retraced or recompiled).
+  """
+  counter = CompileCounter.get()
+  results = [first_call(bench) for bench in benches]
+  before, traces_before = counter.count, counter.traces
+  for bench in benches:
+    for _ in range(warmup):
+      jax.block_until_ready(bench.run(steps_per_run))
+  runs = [[] for _ in benches]
+  for _ in range(repeats):
+    for i, bench in enumerate(benches):
+      start = time.perf_counter()
+      jax.block_until_ready(bench.run(steps_per_run))
+      runs[i].append((time.perf_counter() - start) / steps_per_run)
+  recompiles = counter.count - before
+  retraces = counter.traces - traces_before
+  if not all(r["traces_in_first_call"] for r in results):
+    # The first call must trace: if nothing was seen, this JAX version emits
+    # other monitoring events, and the counts below would mean nothing.
+    recompiles = retraces = None
+  for result, bench, per_step in zip(results, benches, runs):
+    median = statistics.median(per_step)
+    result.update({
+        "step_s": median,
+        "step_s_runs": per_step,
+        "images_per_s": bench.batch_size / median,
+        # Counted over all benches of the call: any nonzero is a problem.
+        "retraces_after_first_call": retraces,
+        "recompiles_after_first_call": recompiles,
+    })
+  return results
+
+
+def measure_step(bench: StepBench, *, steps_per_run: int, warmup: int,
+                 repeats: int) -> dict[str, Any]:
+  """`measure_steps` for one bench."""
+  return measure_steps([bench], steps_per_run=steps_per_run, warmup=warmup,
+                       repeats=repeats)[0]
+
+
+def full_bank_copies(bench: StepBench) -> int:
+  """Copies of the whole prediction bank in the compiled step's HLO.
+
+  An in-place bank update needs none; each copy is a read and a write of the
+  whole bank (and a second buffer of its size) on every step.
+  """
+  bank = bench.carry.prediction_bank
+  local_shape = bank.sharding.shard_shape(bank.shape)
+  dtype = {"float32": "f32", "bfloat16": "bf16"}[bank.dtype.name]
+  token = f"{dtype}[{','.join(str(d) for d in local_shape)}]"
+  text = bench.step_fn.lower(bench.carry, bench.data).compile().as_text()
+  return sum(1 for line in text.splitlines()
+             if " copy(" in line and line.strip().split("=")[1].strip()
+             .startswith(token))

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# One prepared check for a machine with one GPU: tests, then the benchmarks.
+#
+#   bash benchmarks/gpu_check.sh            # GPU machine: finishes in < 8 min
+#   SMOKE=1 bash benchmarks/gpu_check.sh    # any CPU: tiny CNN, small batches
+#
+# The GPU machine is expected to have JAX (CUDA), Flax, Optax, Orbax, chex and
+# PyTorch but no internet: this script installs nothing. What is missing is
+# reported (pytest files, torch) or stood in for by loop_overhead.py (clu,
+# ml_collections: see its docstring), never fetched.
+#
+# Environment:
+#   OUT       results go to ${OUT:-benchmarks/results}/ (gpu_check.txt: every
+#             printed figure; gpu_check.stderr.txt; one JSON per benchmark)
+#   PYTHON    interpreter (default: python3)
+#   SMOKE=1   small settings for a CPU smoke test
+#   BUDGET_S  wall-clock budget for all commands (default 450 s; 900 s with
+#             SMOKE); each command has its own cap as well, and a command
+#             whose turn comes with under 15 s left is skipped.
+# JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, default
+# /tmp/aikd_jax_compilation_cache) lets a later command reuse an identical
+# executable (compare_frameworks' JAX steps are step_throughput's); it only
+# shortens "first call" times, never the timed runs.
+
+set -u
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+SMOKE=${SMOKE:-0}
+RESULTS=${OUT:-benchmarks/results}
+mkdir -p "$RESULTS"
+LOG="$RESULTS/gpu_check.txt"
+ERR="$RESULTS/gpu_check.stderr.txt"
+: >"$LOG"
+: >"$ERR"
+if [ "$SMOKE" = "1" ]; then
+  BUDGET=${BUDGET_S:-900}; PYTEST_CAP=200  # the tests compile on 2 slow cores
+else
+  BUDGET=${BUDGET_S:-450}; PYTEST_CAP=100
+fi
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/aikd_jax_compilation_cache}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+# run NAME CAP_SECONDS COMMAND...: runs COMMAND under `timeout`, its stdout
+# into the log, its stderr into the stderr file; says how it ended.
+run() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 15 ]; then
+    say "== $name: SKIPPED (${left}s of the ${BUDGET}s budget left)"
+    return
+  fi
+  say ""
+  say "== $name (timeout ${limit}s): $*"
+  echo "== $name: $*" >>"$ERR"
+  local t0
+  t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" 2>>"$ERR" | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  local took=$(($(date +%s) - t0))
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    say "== $name: TIMED OUT after ${took}s (figures printed before the cut are above)"
+  elif [ "$rc" -ne 0 ]; then
+    say "== $name: FAILED (exit $rc) after ${took}s; last stderr lines:"
+    tail -n 20 "$ERR" | tee -a "$LOG"
+  else
+    say "== $name: done in ${took}s"
+  fi
+}
+
+say "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) SMOKE=$SMOKE budget=${BUDGET}s python=$(command -v "$PY")"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+fi
+"$PY" - <<'EOF' 2>>"$ERR" | tee -a "$LOG"
+import importlib.util
+names = ["jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "chex", "torch",
+         "pytest", "absl", "ml_collections", "clu", "tensorflow"]
+have = {n: importlib.util.find_spec(n.split(".")[0]) is not None and
+        importlib.util.find_spec(n) is not None for n in names}
+print("modules: " + ", ".join(f"{n}={'yes' if ok else 'MISSING'}"
+                              for n, ok in have.items()))
+import jax
+print(f"jax {jax.__version__}: backend={jax.default_backend()} "
+      f"devices={jax.devices()}")
+EOF
+BACKEND=$("$PY" -c "import jax; print(jax.default_backend())" 2>/dev/null)
+if [ "$SMOKE" != "1" ] && [ "$BACKEND" != "gpu" ]; then
+  say "warning: JAX sees no GPU (backend=$BACKEND); the full settings will be slow here. Use SMOKE=1 on a CPU."
+fi
+
+# 1. Tests on this backend.
+TESTS=()
+for f in tests/test_train_step.py tests/test_losses.py tests/test_banks.py; do
+  if [ -f "$f" ]; then TESTS+=("$f"); else say "note: $f is missing; not run."; fi
+done
+if ! "$PY" -c "import pytest" 2>/dev/null; then
+  say "== pytest: SKIPPED (pytest is not installed)"
+elif [ ${#TESTS[@]} -eq 0 ]; then
+  say "== pytest: SKIPPED (none of the test files exists)"
+else
+  run pytest "$PYTEST_CAP" "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+fi
+
+# 2-5. Benchmarks.
+if [ "$SMOKE" = "1" ]; then
+  MODEL=tiny_cnn
+  ST_ARGS=(--model=tiny_cnn --batch_sizes=32,64 --num_examples=2048
+           --steps_per_run=3 --warmup=1 --repeats=2)
+  BANK_ARGS=(--num_examples=8192 --batch_sizes=64)
+  LOOP_ARGS=(--model=tiny_cnn --dtype=float32 --batch_size=64
+             --num_examples=2048 --num_test=512 --eval_batch_size=256
+             --log_every_steps=10 --epochs=4 --repeats=2)
+  CMP_ARGS=(--model=tiny_cnn --batch_size=32 --num_examples=1024
+            --steps_per_run=3 --warmup=1 --repeats=2)
+else
+  MODEL=preact_resnet18
+  ST_ARGS=(--model=preact_resnet18 --batch_sizes=128,512
+           --num_examples=50000 --steps_per_run=20 --warmup=1 --repeats=5)
+  BANK_ARGS=(--num_examples=50000 --batch_sizes=128)
+  LOOP_ARGS=(--model=preact_resnet18 --dtype=bfloat16 --batch_size=128
+             --num_examples=50000 --num_test=10000 --eval_batch_size=1000
+             --log_every_steps=100 --epochs=4 --repeats=2)
+  CMP_ARGS=(--model=preact_resnet18 --batch_size=128 --num_examples=50000
+            --steps_per_run=10 --warmup=1 --repeats=5)
+fi
+
+run step_throughput_bf16 130 "$PY" benchmarks/step_throughput.py \
+  "${ST_ARGS[@]}" --dtype=bfloat16 --out="$RESULTS/step_throughput_bf16.json"
+run step_throughput_f32 75 "$PY" benchmarks/step_throughput.py \
+  "${ST_ARGS[@]}" --methods=ce,ai_kd --dtype=float32 \
+  --out="$RESULTS/step_throughput_f32.json"
+# Whole-bank copies in the compiled step (an in-place bank update has none):
+# the tiny CNN compiles fast and its bank update is the same code.
+run bank_copies 40 "$PY" benchmarks/step_throughput.py --model=tiny_cnn \
+  "${BANK_ARGS[@]}" --methods=ce,ps_kd --steps_per_run=3 --warmup=0 \
+  --repeats=2 --check_bank_copies --out="$RESULTS/bank_copies.json"
+run loop_overhead 100 "$PY" benchmarks/loop_overhead.py "${LOOP_ARGS[@]}" \
+  --out="$RESULTS/loop_overhead.json"
+run compare_frameworks 150 "$PY" benchmarks/compare_frameworks.py \
+  "${CMP_ARGS[@]}" --out="$RESULTS/compare_frameworks.json"
+
+say ""
+say "== summary ($(($(date +%s) - START))s in all, model $MODEL)"
+SUMMARY=$(grep -E "ratio:|images/s \(|full-bank copies|passed|failed|rror|TIMED OUT|FAILED|SKIPPED|skipp|missing" "$LOG" | grep -v "^== summary")
+say "$SUMMARY"
+say ""
+say "results: $LOG (all printed figures), $ERR (stderr), JSON: $(ls "$RESULTS"/*.json 2>/dev/null | tr '\n' ' ')"

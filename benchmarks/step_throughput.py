@@ -1,0 +1,134 @@
+"""Images/sec of the library's train step for several methods and batch sizes.
+
+  python benchmarks/step_throughput.py --batch_sizes=128,512 --dtype=bfloat16
+  python benchmarks/step_throughput.py --model=tiny_cnn --batch_sizes=64 \
+      --num_examples=2048 --repeats=3      # quick CPU smoke run
+
+For each (batch size, method) it builds the step with
+`aikd_jax.train_step.make_train_step` on a synthetic CIFAR-shaped dataset
+(uint8 [N, 32, 32, 3], 100 classes) sharded over a `data` mesh of all local
+devices, then times runs of --steps_per_run consecutive steps. The step
+donates its carry and runs asynchronously, so the clock stops only when the
+last step of a run has finished (block_until_ready); the figure is the median
+over --repeats runs, after one untimed first call (trace + compile) and
+--warmup untimed runs. All methods of a batch size are built first and their
+timed runs interleaved, so that drifting machine load hits them alike.
+Methods: ce, ps_kd, ai_kd (teacher logits read from a precomputed bank) and
+ai_kd_online (teacher forward pass inside the step). Traces and compilations
+after the first call are counted (expected 0/0); --check_bank_copies also
+counts whole-prediction-bank copies in each compiled step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from aikd_jax import banks  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# ce and ai_kd first, so that the ratio is known early if a run is cut short.
+DEFAULT_METHODS = "ce,ai_kd,ps_kd,ai_kd_online"
+
+
+def _count(value) -> str:
+  return "n/a" if value is None else str(value)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch_sizes", default="128,512",
+                      help="global batch sizes, comma-separated")
+  parser.add_argument("--methods", default=DEFAULT_METHODS,
+                      help="objective presets, comma-separated")
+  parser.add_argument("--dtype", default="float32",
+                      choices=("float32", "bfloat16"),
+                      help="compute dtype (parameters stay float32)")
+  parser.add_argument("--bank_dtype", default="float32",
+                      choices=("float32", "bfloat16"))
+  parser.add_argument("--model", default="preact_resnet18",
+                      choices=("preact_resnet18", "tiny_cnn"))
+  parser.add_argument("--num_examples", type=int,
+                      default=common.CIFAR_TRAIN,
+                      help="synthetic training-set size (bank rows)")
+  parser.add_argument("--steps_per_run", type=int, default=10,
+                      help="consecutive steps per timed run")
+  parser.add_argument("--warmup", type=int, default=1,
+                      help="untimed runs after the first (compiling) call")
+  parser.add_argument("--repeats", type=int, default=5,
+                      help="timed runs; the median is reported")
+  parser.add_argument("--check_bank_copies", action="store_true",
+                      help="also count whole-bank copies in each compiled "
+                      "step (compiles each step once more)")
+  parser.add_argument("--out", default="",
+                      help="write all figures to this JSON file")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  batch_sizes = common.int_list(args.batch_sizes)
+  methods = common.str_list(args.methods)
+  mesh = banks.data_mesh()
+  report = common.print_header(
+      "step_throughput", model=args.model, dtype=args.dtype,
+      bank_dtype=args.bank_dtype, batch_sizes=args.batch_sizes,
+      methods=",".join(methods), num_examples=args.num_examples,
+      steps_per_run=args.steps_per_run, warmup=args.warmup,
+      repeats=args.repeats, mesh_devices=mesh.devices.size)
+  report["results"] = []
+  header = (f"{'batch':>6} {'method':<13} {'teacher':<11} {'step ms':>9} "
+            f"{'images/s':>10} {'first call s':>12} {'retraces/recompiles':>19}")
+  print(header)
+  ratios = {}
+  for batch in batch_sizes:
+    benches = [common.build_step(
+        method, mesh=mesh, batch_size=batch, model_name=args.model,
+        compute_dtype=args.dtype, bank_dtype=args.bank_dtype,
+        num_examples=args.num_examples) for method in methods]
+    results = common.measure_steps(benches, steps_per_run=args.steps_per_run,
+                                   warmup=args.warmup, repeats=args.repeats)
+    times = {}
+    for method, bench, figures in zip(methods, benches, results):
+      teacher = {"ai_kd": "precomputed", "ai_kd_online": "online"}.get(
+          method, "-")
+      times[method] = figures["step_s"]
+      if args.check_bank_copies:
+        figures["full_bank_copies_in_hlo"] = common.full_bank_copies(bench)
+      row = {"batch_size": batch, "method": method, "teacher": teacher,
+             "dtype": args.dtype, "model": args.model, **figures}
+      report["results"].append(row)
+      print(f"{batch:>6} {method:<13} {teacher:<11} "
+            f"{1e3 * figures['step_s']:>9.2f} "
+            f"{figures['images_per_s']:>10.1f} "
+            f"{figures['first_call_s']:>12.1f} "
+            f"{_count(figures['retraces_after_first_call']):>9}/"
+            f"{_count(figures['recompiles_after_first_call']):<9}"
+            + (f" full-bank copies per step: "
+               f"{figures['full_bank_copies_in_hlo']}"
+               if args.check_bank_copies else ""), flush=True)
+    del benches  # frees the carries and data before the next batch size
+    for other in ("ai_kd", "ps_kd", "ai_kd_online"):
+      if other in times and "ce" in times:
+        ratios[f"{other}/ce@{batch}"] = times[other] / times["ce"]
+    if "ai_kd" in times and "ce" in times:
+      print(f"ai_kd/ce step time ratio: {times['ai_kd'] / times['ce']:.2f} "
+            f"(batch {batch}, {args.dtype}, {args.model})")
+    for other in ("ps_kd", "ai_kd_online"):
+      if other in times and "ce" in times:
+        print(f"  {other}/ce step time ratio: "
+              f"{times[other] / times['ce']:.2f} (batch {batch})")
+    sys.stdout.flush()
+    common.write_json(args.out, {**report, "ratios": ratios})
+  report["ratios"] = ratios
+  common.write_json(args.out, report)
+  if args.out:
+    print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -10,6 +10,7 @@ the seed and the step, so it is recomputed, not stored.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -67,7 +68,12 @@ class StageCheckpoints:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, progress: dict) -> None:
-    """Starts an asynchronous save (device arrays are copied first)."""
+    """Starts an asynchronous save (device arrays are copied first).
+
+    `progress` is copied now: it is written later, in the background, while
+    the caller goes on changing its own dict.
+    """
+    progress = json.loads(json.dumps(progress))
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         progress=ocp.args.JsonSave(progress)), force=True)

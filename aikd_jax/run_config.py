@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -95,20 +96,44 @@ def validate(config: ml_collections.ConfigDict) -> Objective:
 
 
 def check_workdir(workdir: str) -> None:
-  """Raises ConfigError if `workdir` cannot hold a run."""
+  """Raises ConfigError if `workdir` cannot hold a run.
+
+  Tries it for real (a temporary folder, removed at once) rather than trusting
+  permission bits, which say yes to root even where nothing can be created.
+  """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir!r} is a file, not a directory.")
-  probe = workdir
+  probe = os.path.abspath(workdir)
   while not os.path.exists(probe):
-    probe = os.path.dirname(os.path.abspath(probe))
-  if not os.access(probe, os.W_OK | os.X_OK):
-    raise ConfigError(f"--workdir {workdir!r} is not writable "
-                      f"({probe!r} denies writing).")
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ConfigError(f"--workdir {workdir!r} is not writable: it lies under "
+                      f"{probe!r}, which is a file, not a directory.")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".aikd-write-test-", dir=probe))
+  except OSError as error:
+    raise ConfigError(f"--workdir {workdir!r} is not writable: nothing can "
+                      f"be created in {probe!r} ({error.strerror}).") from None
+
+
+# Not a config field, but the example-to-device layout (and so the result)
+# depends on it; the workdir remembers it with the config.
+DEVICES_FIELD = "num_devices"
 
 
 def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
   # JSON round trip: tuples become lists on both sides of the comparison.
-  return json.loads(config.to_json())
+  return {**json.loads(config.to_json()), DEVICES_FIELD: jax.device_count()}
+
+
+def _same_objective(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+  """Whether two configs' method fields resolve to the same objective."""
+  try:
+    resolve = lambda c: resolve_objective(
+        c.get("method"), {f: c.get(f) for f in OBJECTIVE_FIELDS})
+    return resolve(saved) == resolve(current)
+  except ValueError:
+    return False
 
 
 def saved_config(workdir: str) -> dict[str, Any] | None:
@@ -135,13 +160,17 @@ def compare_with_saved(config: ml_collections.ConfigDict, workdir: str,
   if saved is None:
     return []
   current = _plain(config)
+  # Spelling a preset's own value out (e.g. lambda_adv=0.1 for ai_kd)
+  # changes nothing.
+  same_objective = _same_objective(saved, current)
   unsafe, notes = [], []
   for field in sorted(set(saved) | set(current)):
     old, new = saved.get(field), current.get(field)
     if old == new or field in ignore:
       continue
     line = f"  {field}: {old!r} (saved) -> {new!r} (now)"
-    if field in RESULT_NEUTRAL_FIELDS or field in EXTENDABLE_FIELDS:
+    if (field in RESULT_NEUTRAL_FIELDS or field in EXTENDABLE_FIELDS or
+        (same_objective and field in ("method",) + OBJECTIVE_FIELDS)):
       notes.append(line)
     else:
       unsafe.append(line)

@@ -155,7 +155,7 @@ _NO_BAD_STEP = np.iinfo(np.int32).max
 
 @jax.jit
 def _no_totals(metrics: dict) -> dict:
-  """Empty interval totals shaped like one step's metrics."""
+  """Empty epoch totals shaped like one step's metrics."""
   return {"sum": jax.tree.map(jnp.zeros_like, metrics),
           "first_bad": jax.tree.map(lambda _: jnp.int32(_NO_BAD_STEP),
                                     metrics)}
@@ -163,10 +163,11 @@ def _no_totals(metrics: dict) -> dict:
 
 @jax.jit
 def _accumulate(totals: dict, metrics: dict, step: jax.Array) -> dict:
-  """Adds one step's metrics to the interval's totals, on device.
+  """Adds one step's metrics to the epoch's totals, on device.
 
-  Keeps, per metric, the sum and the first step at which it was not finite,
-  so the host reads a few scalars per log interval, not every step's.
+  Keeps, per metric, the running float32 sum (added step by step, so the
+  epoch means do not depend on when the host reads them) and the first step
+  at which it was not finite; the host reads a few scalars per log interval.
   """
   first_bad = jax.tree.map(
       lambda bad, value: jnp.minimum(
@@ -250,10 +251,17 @@ class _Trainer:
                                     batch_per_device=per_device,
                                     mean=self.data.mean, std=self.data.std)
 
-  def evaluate(self, predict, variables) -> tuple[dict, dict]:
+  def evaluate(self, predict, variables, epoch: int) -> tuple[dict, dict]:
     """The test split's report and reliability diagram."""
     logits = _gather(predict(variables, self.data.test_images))
     logits = logits[:len(self.data.test_labels)]
+    if not np.all(np.isfinite(logits)):
+      raise NonFiniteLossError(
+          f"The {self.stage} stage's test logits are not finite at epoch "
+          f"{epoch} (after step {(epoch + 1) * self.steps_per_epoch}) although "
+          "every loss term was: the "
+          "weights diverged. Nothing from this epoch was saved; lower the "
+          "learning rate, then rerun.")
     return (metrics_lib.classification_report(logits, self.data.test_labels),
             metrics_lib.reliability_diagram(logits, self.data.test_labels))
 
@@ -302,7 +310,9 @@ class _Trainer:
         num_train_steps=total_steps, writer=writer,
         every_steps=config.log_every_steps)
     step = int(carry.student.step)
-    totals, count = None, 0  # this log interval's metrics, on device
+    # This epoch's running metric totals, on device (restored mid-epoch).
+    totals = self._restore_totals(progress)
+    logged = (dict(progress["epoch_sums"]), progress["epoch_steps"])
     order_epoch, epoch_order, partner_rows = None, None, None
     try:
       while step < total_steps:
@@ -317,18 +327,18 @@ class _Trainer:
         carry, step_metrics = step_fn(carry, step_data)
         if totals is None:
           totals = _no_totals(step_metrics)
-        totals, count = _accumulate(totals, step_metrics, step), count + 1
+        totals = _accumulate(totals, step_metrics, step)
         step += 1
         report(step)
         epoch_done = step % spe == 0
         log_now = epoch_done or step % config.log_every_steps == 0
         stop = self._stop_agreed(log_now)
         if log_now or stop:
-          self._flush(totals, count, progress, writer, step)
-          totals, count = None, 0
+          logged = self._flush(totals, logged, progress, writer, step)
         if epoch_done:
           with report.timed("eval"):
             self._end_epoch(epoch, carry, predict, progress, writer)
+          totals, logged = None, ({}, 0)
           last = step == total_steps
           if last or (epoch + 1) % config.checkpoint_every_epochs == 0:
             ckpts.save(step, carry, progress)
@@ -378,11 +388,28 @@ class _Trainer:
       self.signals.received = "a signal to another process"
     return bool(flags.any())
 
-  def _flush(self, totals: dict, count: int, progress: dict, writer,
-             step: int) -> None:
-    """Reads an interval's metric totals: NaN check, log, epoch sums."""
-    if not count:
-      return
+  def _restore_totals(self, progress: dict) -> dict | None:
+    """Device totals of a checkpoint taken mid-epoch, bit for bit."""
+    if not progress["epoch_steps"]:
+      return None
+    put = lambda value: jax.device_put(np.float32(value),
+                                       banks.replicated(self.mesh))
+    sums = progress["epoch_sums"]
+    return {"sum": {name: put(value) for name, value in sums.items()},
+            "first_bad": {name: jax.device_put(
+                np.int32(_NO_BAD_STEP), banks.replicated(self.mesh))
+                          for name in sums}}
+
+  def _flush(self, totals: dict | None, logged: tuple, progress: dict,
+             writer, step: int) -> tuple:
+    """Reads the epoch's metric totals: NaN check, log, progress.
+
+    Returns the (sums, steps) logged so far, to log the next interval's means.
+    """
+    steps_in_epoch = step - (step - 1) // self.steps_per_epoch * (
+        self.steps_per_epoch)
+    if totals is None or steps_in_epoch == logged[1]:
+      return logged
     fetched = jax.device_get(totals)
     bad = {name: int(s) for name, s in fetched["first_bad"].items()
            if s != _NO_BAD_STEP}
@@ -393,17 +420,20 @@ class _Trainer:
           f"{bad_step} (epoch {bad_step // self.steps_per_epoch}) of the "
           f"{self.stage} stage. Nothing after the last checkpoint was saved; "
           "lower the learning rate or check the data, then rerun.")
-    sums = progress["epoch_sums"]
-    for name, total in fetched["sum"].items():
-      sums[name] = sums.get(name, 0.0) + float(total)
-    progress["epoch_steps"] += count
-    writer.write_scalars(step, {name: float(total) / count
-                                for name, total in fetched["sum"].items()})
+    sums = {name: float(total) for name, total in fetched["sum"].items()}
+    progress["epoch_sums"], progress["epoch_steps"] = sums, steps_in_epoch
+    logged_sums, logged_steps = logged
+    count = steps_in_epoch - logged_steps
+    writer.write_scalars(step, {
+        name: (total - logged_sums.get(name, 0.0)) / count
+        for name, total in sums.items()})
+    return dict(sums), steps_in_epoch
 
   def _end_epoch(self, epoch: int, carry: step_lib.TrainCarry, predict,
                  progress: dict, writer) -> None:
     """Evaluates on the test split and closes the epoch's history entry."""
-    test, reliability = self.evaluate(predict, carry.student.variables)
+    test, reliability = self.evaluate(predict, carry.student.variables,
+                                      epoch)
     count = max(progress["epoch_steps"], 1)
     train = {k: v / count for k, v in progress["epoch_sums"].items()}
     progress["history"].append({"epoch": epoch, "train": train,
@@ -447,10 +477,13 @@ def _teacher_logits_stage(trainer: _Trainer,
   template = {"teacher_bank": jax.device_put(
       jnp.zeros((data.layout.num_rows, data.num_classes),
                 trainer.config.bank_dtype), banks.data_sharding(trainer.mesh))}
+  results_path = os.path.join(stage_dir, RESULTS_FILE)
   try:
-    if ckpts.latest_step() == teacher_step and _read_results(stage_dir):
+    if ckpts.latest_step() == teacher_step:
       logging.info("teacher_logits: finished earlier; loading the bank.")
-      restored, _ = ckpts.restore(ckpts.latest_step(), template)
+      restored, progress = ckpts.restore(teacher_step, template)
+      if not _read_results(stage_dir):  # Stopped before writing results.
+        _write_stage2_results(results_path, progress["train_report"], None)
       return restored["teacher_bank"]
     start = time.monotonic()
     logits = trainer.predict_fn()(teacher.variables, data.train_images)
@@ -462,16 +495,21 @@ def _teacher_logits_stage(trainer: _Trainer,
     ckpts.save(teacher_step, {"teacher_bank": bank},
                {"train_report": report})
     ckpts.wait()
-    _write_json(os.path.join(stage_dir, RESULTS_FILE), {
-        "stage": "teacher_logits", "complete": True,
-        "split": "train (un-augmented, eval mode)",
-        "seconds": time.monotonic() - start, "last": report, "best": report})
+    _write_stage2_results(results_path, report, time.monotonic() - start)
     logging.info("teacher_logits: %d rows in %.1fs; teacher train top-1 "
                  "error %.2f%%.", int(valid.sum()),
                  time.monotonic() - start, report["top1_err"])
     return bank
   finally:
     ckpts.close()
+
+
+def _write_stage2_results(path: str, report: dict,
+                          seconds: float | None) -> None:
+  _write_json(path, {
+      "stage": "teacher_logits", "complete": True,
+      "split": "train (un-augmented, eval mode)", "seconds": seconds,
+      "last": report, "best": report})
 
 
 def _teacher_stage(config, data, mesh, workdir, signals

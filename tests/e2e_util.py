@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -49,6 +50,7 @@ def main_command(workdir: str, *overrides: str,
 
 
 def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
+  """CPU only, unbuffered; `num_devices` fake CPU devices if given."""
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
@@ -157,6 +159,7 @@ class MainProcess:
       output = "\n".join(line for _, line in self.lines)
     return Finished(returncode, output, time.monotonic() - self.start)
 
+
 def logged_steps(lines: list[str], marker: str | None = None,
                  exclude: str | None = None) -> list[int]:
   """Steps of the "[step] loss/..." training-log lines, in order.
@@ -190,6 +193,7 @@ def tmp_checkpoint_dirs(workdir: str) -> list[str]:
 
 
 def checkpoint_steps(workdir: str, stage: str) -> list[int]:
+  """The finished checkpoints of a stage (orbax's tmp folders excluded)."""
   directory = os.path.join(workdir, stage, "checkpoints")
   if not os.path.isdir(directory):
     return []
@@ -197,6 +201,7 @@ def checkpoint_steps(workdir: str, stage: str) -> list[int]:
 
 
 def stage_complete(workdir: str, stage: str) -> bool:
+  """Whether the stage wrote its results file (it does so when it ends)."""
   path = os.path.join(workdir, stage, "results.json")
   return os.path.exists(path)
 
@@ -279,7 +284,6 @@ def bitwise_differences(a: dict[str, np.ndarray],
 
 
 def read_results(workdir: str, stage: str) -> dict[str, Any]:
-  import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, stage, "results.json")) as f:
     return json.load(f)
 

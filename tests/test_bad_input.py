@@ -186,7 +186,11 @@ def outcomes(interrupted, tmp_path_factory) -> dict[str, Outcome]:
     futures = {case.id: pool.submit(_run_case, case, interrupted,
                                     os.path.join(root, case.id))
                for case in CASES}
-    return {name: future.result() for name, future in futures.items()}
+    results = {name: future.result() for name, future in futures.items()}
+  for name, outcome in results.items():
+    print(f"\n{name}: rc {outcome.run.returncode}, "
+          f"{outcome.run.seconds:.1f}s (two cases at a time)")
+  return results
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

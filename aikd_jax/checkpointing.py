@@ -86,8 +86,9 @@ class StageCheckpoints:
           state=ocp.args.StandardRestore(abstract),
           progress=ocp.args.JsonRestore()))
     except Exception as error:  # orbax raises many kinds; name the folder.
+      detail = (str(error).splitlines() or [type(error).__name__])[0][:300]
       raise CheckpointError(
-          _fallback_message(self.directory, step) + f" ({error})") from error
+          _fallback_message(self.directory, step) + f" ({detail})") from error
     return restored["state"], restored["progress"]
 
   def wait(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import ml_collections
 from absl import logging
 
@@ -12,7 +14,7 @@ from aikd_jax import train
 
 # Errors that are the input's fault: their message is the whole story.
 INPUT_ERRORS = (run_config.ConfigError, data_lib.DatasetUnavailableError,
-                 checkpointing.CheckpointError)
+                checkpointing.CheckpointError)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
@@ -30,6 +32,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
   except INPUT_ERRORS as error:
     logging.error("%s", error)
     print(f"error: {error}", flush=True)
+    if isinstance(error, checkpointing.CheckpointError):
+      # orbax leaves read coroutines of the failed restore behind; at exit
+      # Python would print each one's traceback after the message above.
+      sys.unraisablehook = lambda unraisable: None
     return 2
   last, best = results["last"], results["best"]
   print(f"student ({results['method']}): last epoch top-1 error "

@@ -33,13 +33,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from aikd_jax import cli, data, distributed  # pylint: disable=g-import-not-at-top
   # TensorFlow serves only TFDS and TensorBoard here; keep it off the GPUs.
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-  except ImportError:
-    pass
-  from aikd_jax import cli, distributed  # pylint: disable=g-import-not-at-top
+  data.hide_accelerators_from_tensorflow()
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
   sys.exit(cli.run(FLAGS.config, FLAGS.workdir))

@@ -213,25 +213,13 @@ def save_comparison(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _finished(folder: str, stage: str, num_epochs: int) -> bool:
-  """Whether the stage's results.json says it finished.
+  """Whether the stage finished with (at least) `num_epochs` epochs.
 
-  train.py skips a finished stage whatever num_epochs says now, so this does
-  too; it warns when the epochs differ.
+  The same rule as train.py's: a stage whose num_epochs was extended is not
+  finished; train_and_evaluate resumes it.
   """
-  path = os.path.join(folder, stage, train.RESULTS_FILE)
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    results = json.load(f)
-  if not results.get("complete"):
-    return False
-  if results.get("num_epochs") != num_epochs:
-    logging.warning(
-        "%s finished with %s epochs; the config asks for %d, but a finished "
-        "stage is not extended. Use a new --workdir for %d epochs.",
-        os.path.join(folder, stage), results.get("num_epochs"), num_epochs,
-        num_epochs)
-  return True
+  return train.finished_results(os.path.join(folder, stage),
+                                num_epochs) is not None
 
 
 class _StopBetweenRuns(Exception):
@@ -374,12 +362,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # TensorFlow serves only TFDS and TensorBoard here; keep it off the GPUs.
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-  except ImportError:
-    pass
+  data_lib.hide_accelerators_from_tensorflow()
   sys.exit(run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.methods,
                flags.FLAGS.seeds))
 

@@ -538,7 +538,7 @@ def _read_decoded_examples(
 def _read_tfrecord(builder: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Reads a split prepared as TFRecord (no random access) through tf.data."""
   tfds = _tfds()
-  _hide_accelerators_from_tensorflow()
+  hide_accelerators_from_tensorflow()
   logging.warning(
       '%s is prepared as TFRecord in %s; reading it through tf.data. '
       'Preparing it with --file_format=array_record avoids TensorFlow.',
@@ -625,9 +625,12 @@ def _tfds_location(name: str, data_dir: str | None) -> str:
     return data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
 
 
-def _hide_accelerators_from_tensorflow() -> None:
+def hide_accelerators_from_tensorflow() -> None:
   """Keeps TensorFlow (used only for input reading) off GPUs and TPUs."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
 
   for kind in ('GPU', 'TPU'):
     try:
@@ -684,7 +687,7 @@ def _load_folder(
 ) -> Dataset:
   _check_folder(root)
   tfds = _tfds()
-  _hide_accelerators_from_tensorflow()
+  hide_accelerators_from_tensorflow()
   builder = tfds.folder_dataset.ImageFolder(root)
   class_names = tuple(builder.info.features['label'].names)
   splits = set(builder.info.splits.keys())

@@ -135,8 +135,8 @@ def _write_json(path: str, payload: Any) -> None:
   os.replace(tmp, path)
 
 
-def _read_results(stage_dir: str, num_epochs: int | None = None
-                  ) -> dict | None:
+def finished_results(stage_dir: str, num_epochs: int | None = None
+                     ) -> dict | None:
   """A stage's results if it finished (with at least `num_epochs` epochs)."""
   path = os.path.join(stage_dir, RESULTS_FILE)
   if not os.path.exists(path):
@@ -351,7 +351,7 @@ class _Trainer:
               f"{step} of the {self.stage} stage. Rerun the same command "
               "with the same --workdir to resume.")
       ckpts.wait()
-      if latest is None or latest < total_steps or not _read_results(
+      if latest is None or latest < total_steps or not finished_results(
           self.stage_dir, self.num_epochs):
         self._write_results(progress)
     finally:
@@ -482,7 +482,7 @@ def _teacher_logits_stage(trainer: _Trainer,
     if ckpts.latest_step() == teacher_step:
       logging.info("teacher_logits: finished earlier; loading the bank.")
       restored, progress = ckpts.restore(teacher_step, template)
-      if not _read_results(stage_dir):  # Stopped before writing results.
+      if not finished_results(stage_dir):  # Stopped before writing results.
         _write_stage2_results(results_path, progress["train_report"], None)
       return restored["teacher_bank"]
     start = time.monotonic()
@@ -533,7 +533,7 @@ def _teacher_stage(config, data, mesh, workdir, signals
     logging.info("teacher: loaded %s step %d.", config.teacher_checkpoint,
                  step)
     return carry.student, trainer
-  if _read_results(trainer.stage_dir, trainer.num_epochs):
+  if finished_results(trainer.stage_dir, trainer.num_epochs):
     logging.info("teacher: finished earlier; loading its final state.")
     return trainer.restore_final().student, trainer
   dummy = _empty_teacher_bank(mesh)
@@ -586,7 +586,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with _SignalFlag() as signals:
     if teacher_only:
       _teacher_stage(config, data, mesh, workdir, signals)
-      return _read_results(os.path.join(workdir, "teacher"))
+      return finished_results(os.path.join(workdir, "teacher"))
     teacher_bank, teacher_variables, teacher_model = (
         _empty_teacher_bank(mesh), {}, None)
     if objective.uses_teacher:
@@ -606,7 +606,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        num_epochs=config.num_epochs, config=config,
                        data=data, mesh=mesh, workdir=workdir,
                        signals=signals)
-    if _read_results(student.stage_dir, student.num_epochs):
+    if finished_results(student.stage_dir, student.num_epochs):
       logging.info("student: finished earlier; nothing to do.")
     else:
       student.run(teacher_bank, teacher_variables, teacher_model)

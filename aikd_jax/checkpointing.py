@@ -10,8 +10,12 @@ the seed and the step, so it is recomputed, not stored.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
+import sys
+import time
 from typing import Any
 
 import jax
@@ -51,6 +55,27 @@ def verify_latest(directory: str) -> None:
     raise CheckpointError(_fallback_message(directory, steps[-1]))
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+  """Sends file descriptor 2 to /dev/null for the duration.
+
+  When one array of a checkpoint cannot be read, orbax's other read tasks
+  fail too, from background threads, each printing a long traceback; the one
+  message that matters (which checkpoint, and how to fall back) would drown
+  in them. Restores are short, so nothing else is lost for long.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as devnull:
+      os.dup2(devnull.fileno(), 2)
+      yield
+      sys.stderr.flush()
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
 class StageCheckpoints:
   """The checkpoints of one training stage."""
 
@@ -81,14 +106,23 @@ class StageCheckpoints:
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """Restores onto `target`'s structure, shapes, dtypes and shardings."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          progress=ocp.args.JsonRestore()))
-    except Exception as error:  # orbax raises many kinds; name the folder.
+    with _quiet_stderr():
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            progress=ocp.args.JsonRestore()))
+        error = None
+      except Exception as failure:  # orbax raises many kinds.
+        error = failure
+        # Let the failed restore's other reads end while still unprinted.
+        self._manager.close()
+        gc.collect()
+        time.sleep(1.0)
+        gc.collect()
+    if error is not None:
       detail = (str(error).splitlines() or [type(error).__name__])[0][:300]
       raise CheckpointError(
-          _fallback_message(self.directory, step) + f" ({detail})") from error
+          _fallback_message(self.directory, step) + f" ({detail})")
     return restored["state"], restored["progress"]
 
   def wait(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import ml_collections
@@ -33,9 +34,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     logging.error("%s", error)
     print(f"error: {error}", flush=True)
     if isinstance(error, checkpointing.CheckpointError):
-      # orbax leaves read coroutines of the failed restore behind; at exit
-      # Python would print each one's traceback after the message above.
-      sys.unraisablehook = lambda unraisable: None
+      # orbax leaves the failed restore's read tasks behind; at interpreter
+      # teardown asyncio would print each one's traceback after the message
+      # above. Nothing is left to save (no compute has run), so end now.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(2)  # pylint: disable=protected-access
     return 2
   last, best = results["last"], results["best"]
   print(f"student ({results['method']}): last epoch top-1 error "

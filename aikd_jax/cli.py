@@ -18,6 +18,20 @@ INPUT_ERRORS = (run_config.ConfigError, data_lib.DatasetUnavailableError,
                 checkpointing.CheckpointError)
 
 
+def input_error_status(error: Exception) -> int:
+  """Reports an input error (one of INPUT_ERRORS); returns exit status 2."""
+  logging.error("%s", error)
+  print(f"error: {error}", flush=True)
+  if isinstance(error, checkpointing.CheckpointError):
+    # orbax leaves the failed restore's read tasks behind; at interpreter
+    # teardown asyncio would print each one's traceback after the message
+    # above. Nothing is left to save (no compute has run), so end now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)  # pylint: disable=protected-access
+  return 2
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
   """Runs train_and_evaluate; returns the process exit status."""
   try:
@@ -31,16 +45,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     print(f"error: {error}", flush=True)
     return 3
   except INPUT_ERRORS as error:
-    logging.error("%s", error)
-    print(f"error: {error}", flush=True)
-    if isinstance(error, checkpointing.CheckpointError):
-      # orbax leaves the failed restore's read tasks behind; at interpreter
-      # teardown asyncio would print each one's traceback after the message
-      # above. Nothing is left to save (no compute has run), so end now.
-      sys.stdout.flush()
-      sys.stderr.flush()
-      os._exit(2)  # pylint: disable=protected-access
-    return 2
+    return input_error_status(error)
   last, best = results["last"], results["best"]
   print(f"student ({results['method']}): last epoch top-1 error "
         f"{last['top1_err']:.2f}%, best {best['top1_err']:.2f}% "

@@ -331,9 +331,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     print(stop, flush=True)
     return 0
   except cli.INPUT_ERRORS as error:
-    logging.error("%s", error)
-    print(f"error: {error}", flush=True)
-    return 2
+    return cli.input_error_status(error)
   report = outcome["report"]
   if report:
     print(f"Report: {report['markdown']} and {report['csv']}; figures in "

@@ -37,9 +37,11 @@ class ConfigError(ValueError):
   """A config that cannot run, or that conflicts with the workdir's."""
 
 
-def objective_from_config(config: ml_collections.ConfigDict) -> Objective:
+def objective_from_config(config: ml_collections.ConfigDict | dict
+                          ) -> Objective:
+  """The method's preset with the config's overrides (a saved dict works too)."""
   overrides = {name: config.get(name) for name in OBJECTIVE_FIELDS}
-  return resolve_objective(config.method, overrides)
+  return resolve_objective(config.get("method"), overrides)
 
 
 def teacher_epochs(config: ml_collections.ConfigDict) -> int:
@@ -129,9 +131,7 @@ def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _same_objective(saved: dict[str, Any], current: dict[str, Any]) -> bool:
   """Whether two configs' method fields resolve to the same objective."""
   try:
-    resolve = lambda c: resolve_objective(
-        c.get("method"), {f: c.get(f) for f in OBJECTIVE_FIELDS})
-    return resolve(saved) == resolve(current)
+    return objective_from_config(saved) == objective_from_config(current)
   except ValueError:
     return False
 

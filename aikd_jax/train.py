@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import time
@@ -270,11 +269,18 @@ class _Trainer:
         os.path.join(self.stage_dir, CHECKPOINT_DIR),
         self.config.keep_checkpoints)
 
-  def restore_final(self) -> step_lib.TrainCarry:
-    """The carry saved at the end of a finished stage."""
-    ckpts = self.checkpoints()
+  def restore_final(self, directory: str | None = None
+                    ) -> step_lib.TrainCarry:
+    """The latest checkpoint's carry: this stage's, or one in `directory`
+    (a `teacher_checkpoint` from another run)."""
+    ckpts = (checkpointing.StageCheckpoints(directory, keep=1) if directory
+             else self.checkpoints())
     try:
-      carry, _ = ckpts.restore(ckpts.latest_step(), self.initial_carry())
+      step = ckpts.latest_step()
+      if step is None:
+        raise run_config.ConfigError(
+            f"{directory or ckpts.directory!r} holds no checkpoint.")
+      carry, _ = ckpts.restore(step, self.initial_carry())
     finally:
       ckpts.close()
     return carry
@@ -313,17 +319,17 @@ class _Trainer:
     # This epoch's running metric totals, on device (restored mid-epoch).
     totals = self._restore_totals(progress)
     logged = (dict(progress["epoch_sums"]), progress["epoch_steps"])
-    order_epoch, epoch_order, partner_rows = None, None, None
+    order_epoch, step_data = None, None
     try:
       while step < total_steps:
         epoch = step // spe
-        if order_epoch != epoch:
+        if order_epoch != epoch:  # Everything the step reads, per epoch.
           epoch_order, partner_rows = self._epoch_rows(epoch)
+          step_data = step_lib.StepData(
+              images=self.data.train_images, labels=self.data.train_labels,
+              teacher_bank=teacher_bank, epoch_order=epoch_order,
+              teacher_variables=teacher_variables, partner_rows=partner_rows)
           order_epoch = epoch
-        step_data = step_lib.StepData(
-            images=self.data.train_images, labels=self.data.train_labels,
-            teacher_bank=teacher_bank, epoch_order=epoch_order,
-            teacher_variables=teacher_variables, partner_rows=partner_rows)
         carry, step_metrics = step_fn(carry, step_data)
         if totals is None:
           totals = _no_totals(step_metrics)
@@ -520,19 +526,10 @@ def _teacher_stage(config, data, mesh, workdir, signals
                      config=config, data=data, mesh=mesh, workdir=workdir,
                      signals=signals)
   if config.teacher_checkpoint:
-    ckpts = checkpointing.StageCheckpoints(config.teacher_checkpoint, keep=1)
-    try:
-      step = ckpts.latest_step()
-      if step is None:
-        raise run_config.ConfigError(
-            f"teacher_checkpoint {config.teacher_checkpoint!r} holds no "
-            "checkpoint.")
-      carry, _ = ckpts.restore(step, trainer.initial_carry())
-    finally:
-      ckpts.close()
+    teacher = trainer.restore_final(config.teacher_checkpoint).student
     logging.info("teacher: loaded %s step %d.", config.teacher_checkpoint,
-                 step)
-    return carry.student, trainer
+                 int(teacher.step))
+    return teacher, trainer
   if finished_results(trainer.stage_dir, trainer.num_epochs):
     logging.info("teacher: finished earlier; loading its final state.")
     return trainer.restore_final().student, trainer

@@ -163,10 +163,16 @@ def check_dataset_available(
     return
   state, _ = _probe_tfds(arg, data_dir)
   if state == 'missing':
-    reason = _download_blocker(arg) if download else 'download=False'
-    if reason:
-      raise DatasetUnavailableError(_missing_message(arg, data_dir, reason))
+    _raise_if_unobtainable(arg, data_dir, download)
     logging.info('%s is not prepared yet; load_dataset will download it.', arg)
+
+
+def _raise_if_unobtainable(name: str, data_dir: str | None,
+                           download: bool) -> None:
+  """For a dataset not prepared locally: fail now unless it can be fetched."""
+  reason = _download_blocker(name) if download else 'download=False'
+  if reason:
+    raise DatasetUnavailableError(_missing_message(name, data_dir, reason))
 
 
 def load_dataset(
@@ -368,9 +374,7 @@ def _load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
   tfds = _tfds()
   state, found = _probe_tfds(name, data_dir)
   if state == 'missing':
-    reason = _download_blocker(name) if download else 'download=False'
-    if reason:
-      raise DatasetUnavailableError(_missing_message(name, data_dir, reason))
+    _raise_if_unobtainable(name, data_dir, download)
     logging.info('Downloading and preparing %s (ArrayRecord)...', name)
     try:
       tfds.data_source(

@@ -14,7 +14,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -34,6 +33,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from aikd_jax import cli, data, distributed  # pylint: disable=g-import-not-at-top
+  cli.set_up_logging()
   # TensorFlow serves only TFDS and TensorBoard here; keep it off the GPUs.
   data.hide_accelerators_from_tensorflow()
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -41,15 +41,5 @@ def main(argv):
   sys.exit(cli.run(FLAGS.config, FLAGS.workdir))
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Drops the INFO chatter of orbax's checkpoint internals (warnings stay)."""
-
-  def filter(self, record):
-    return record.levelno >= logging.logging.WARNING or (
-        "/orbax/" not in record.pathname)
-
-
 if __name__ == "__main__":
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   app.run(main)

@@ -18,6 +18,20 @@ INPUT_ERRORS = (run_config.ConfigError, data_lib.DatasetUnavailableError,
                 checkpointing.CheckpointError)
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Drops the INFO chatter of orbax's checkpoint internals (warnings stay)."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or (
+        "/orbax/" not in record.pathname)
+
+
+def set_up_logging() -> None:
+  """INFO and up on the console, without orbax's internal INFO lines."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 def input_error_status(error: Exception) -> int:
   """Reports an input error (one of INPUT_ERRORS); returns exit status 2."""
   logging.error("%s", error)

@@ -43,6 +43,7 @@ from aikd_jax import cli
 from aikd_jax import data as data_lib
 from aikd_jax import objective as objective_lib
 from aikd_jax import report as report_lib
+from aikd_jax import results as results_lib
 from aikd_jax import run_config
 from aikd_jax import train
 
@@ -206,10 +207,7 @@ def save_comparison(config: ml_collections.ConfigDict, workdir: str,
       "runs": [dataclasses.asdict(r) for r in runs],
       "config": json.loads(config.to_json()),
   }
-  path = os.path.join(workdir, COMPARISON_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(path + ".tmp", path)
+  results_lib.write_json(os.path.join(workdir, COMPARISON_FILE), payload)
 
 
 def _finished(folder: str, stage: str, num_epochs: int) -> bool:
@@ -218,8 +216,8 @@ def _finished(folder: str, stage: str, num_epochs: int) -> bool:
   The same rule as train.py's: a stage whose num_epochs was extended is not
   finished; train_and_evaluate resumes it.
   """
-  return train.finished_results(os.path.join(folder, stage),
-                                num_epochs) is not None
+  return results_lib.finished_results(os.path.join(folder, stage),
+                                      num_epochs) is not None
 
 
 class _StopBetweenRuns(Exception):
@@ -365,16 +363,7 @@ def main(argv):
                flags.FLAGS.seeds))
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Drops the INFO chatter of orbax's checkpoint internals (as main.py)."""
-
-  def filter(self, record):
-    return record.levelno >= logging.logging.WARNING or (
-        "/orbax/" not in record.pathname)
-
-
 if __name__ == "__main__":
   _define_flags()
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.set_up_logging()
   app.run(main)

@@ -20,6 +20,7 @@ DIR/report/:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -36,9 +37,10 @@ from absl import logging
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
+from aikd_jax import results as results_lib
+
 COMPARISON_FILE = "comparison.json"
 REPORT_DIR = "report"
-RESULTS_FILE = "results.json"
 
 # (key in results.json, column title); the values are stored in these units.
 METRICS = (
@@ -52,7 +54,6 @@ METRICS = (
 UNITS = {"top1_err": "%", "top5_err": "%", "nll": "nats", "ece": "%",
          "aurc": "x1000", "eaurc": "x1000"}
 _DECIMALS = {"nll": 3}  # everything else: 2, as PS-KD prints
-LOSS_TERMS = ("loss/prog", "loss/det", "loss/adv", "loss/disc", "loss/student")
 WHICH = ("last", "best")
 # The standard deviation over seeds is the sample one.
 STD_DDOF = 1
@@ -99,14 +100,6 @@ def load_comparison(workdir: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def _read_complete(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    results = json.load(f)
-  return results if results.get("complete") else None
-
-
 def load_runs(workdir: str, comparison: dict) -> dict[str, list[dict]]:
   """Per method, one entry per seed: {seed_index, seed, workdir, results}.
 
@@ -115,8 +108,9 @@ def load_runs(workdir: str, comparison: dict) -> dict[str, list[dict]]:
   """
   runs = {method: [] for method in comparison["methods"]}
   for run in comparison["runs"]:
-    path = os.path.join(workdir, run["workdir"], "student", RESULTS_FILE)
-    runs[run["method"]].append({**run, "results": _read_complete(path)})
+    results = results_lib.finished_results(
+        os.path.join(workdir, run["workdir"], "student"))
+    runs[run["method"]].append({**run, "results": results})
   for entries in runs.values():
     entries.sort(key=lambda r: r["seed_index"])
   return runs
@@ -195,8 +189,8 @@ def _teacher_line(workdir: str, comparison: dict) -> str | None:
   teachers = comparison.get("teachers") or {}
   values, epochs = [], set()
   for path in teachers.values():
-    results = _read_complete(os.path.join(workdir, path, "teacher",
-                                          RESULTS_FILE))
+    results = results_lib.finished_results(
+        os.path.join(workdir, path, "teacher"))
     if results:
       values.append(results["last"]["top1_err"])
       epochs.add(results["num_epochs"])
@@ -264,20 +258,12 @@ def _write_markdown(path: str, workdir: str, comparison: dict, runs: dict,
     lines += ["", "## Unfinished runs (not in the table)", ""]
     lines += [f"- `{m}`" for m in missing]
   lines.append("")
-  _write_text(path, "\n".join(lines))
-
-
-def _write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  results_lib.write_text(path, "\n".join(lines))
 
 
 def _write_csv(path: str, comparison: dict, summary: dict) -> None:
   seed_columns = [f"seed{s['index']}" for s in comparison["seeds"]]
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
+  with io.StringIO(newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["method", "which", "metric", "unit", "mean", "std",
                      "n_seeds", *seed_columns])
@@ -293,7 +279,7 @@ def _write_csv(path: str, comparison: dict, summary: dict) -> None:
               len(entry["values"]),
               *["" if s["index"] not in per_seed else
                 repr(per_seed[s["index"]]) for s in comparison["seeds"]]])
-  os.replace(tmp, path)
+    results_lib.write_text(path, f.getvalue())
 
 
 # ----------------------------------------------------------------- figures
@@ -416,12 +402,13 @@ def _plot_test_error(path: str, runs: dict, colors: dict) -> None:
 
 
 def _terms_present(runs: dict) -> list[str]:
-  present = set()
+  """Every loss term the runs' steps logged ("loss/..."), first seen first."""
+  present = {}
   for entries in runs.values():
     for entry in _finished(entries):
       for h in entry["results"]["history"]:
-        present.update(k for k in h["train"] if k in LOSS_TERMS)
-  return [t for t in LOSS_TERMS if t in present]
+        present.update((k, None) for k in h["train"] if k.startswith("loss/"))
+  return list(present)
 
 
 def _plot_loss_terms(path: str, runs: dict, colors: dict) -> list[str]:

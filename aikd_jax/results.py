@@ -1,0 +1,48 @@
+"""Files a run leaves for people and tools: written atomically, read back.
+
+A stage's results file is the one record that it finished; the trainer,
+the comparison and the report all decide "finished" with `finished_results`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+RESULTS_FILE = "results.json"
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `path` so a reader never sees it half-written (a crash too)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, payload: Any, **dump_args: Any) -> None:
+  write_text(path, json.dumps(payload, indent=2, **dump_args))
+
+
+def read_json(path: str) -> Any | None:
+  """The file's content, or None when it does not exist."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def finished_results(stage_dir: str, num_epochs: int | None = None
+                     ) -> dict | None:
+  """A stage's results if it finished (with at least `num_epochs` epochs).
+
+  A stage whose num_epochs was extended since is not finished: training
+  resumes it.
+  """
+  results = read_json(os.path.join(stage_dir, RESULTS_FILE))
+  if not results or not results.get("complete"):
+    return None
+  if num_epochs is not None and results["num_epochs"] < num_epochs:
+    return None
+  return results

@@ -8,7 +8,8 @@ names the datasets and dispatches; each source has its own module:
 * ``'digits'``: scikit-learn's bundled 8x8 digits (no download), here.
 * ``'cifar10'``, ``'cifar100'``: TensorFlow Datasets (`tfds_data`), which
   fails within seconds offline (`reachability`) instead of retrying.
-* ``'folder:/path/to/root'``: your own class folders (`folder_data`).
+* ``'folder:/path/to/root'``: your own class folders (`folder_data`), read
+  with Pillow: no TensorFlow needed.
 
 `python -m aikd_jax.data --dataset=cifar100 --data_dir=DIR` prepares a TFDS
 dataset, e.g. on a connected machine, for copying to one that is not.
@@ -228,7 +229,8 @@ def channel_stats(
 
 
 def hide_accelerators_from_tensorflow() -> None:
-  """Keeps TensorFlow (used only for input reading) off GPUs and TPUs."""
+  """Keeps TensorFlow (used only by TFDS) off GPUs and TPUs; imports it if
+  installed, and does nothing if not."""
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError:

@@ -1,14 +1,24 @@
-"""Reads your own images: root/<split>/<class>/<image>, via TFDS's ImageFolder.
+"""Reads your own images: root/<split>/<class>/<image>, with Pillow.
 
 Labels are the indices of the sorted class-folder names; images are decoded
-to RGB (ImageFolder's convention). Without a `test` folder a stratified,
-seeded share of `train` is held out, so every folder has a test split.
+to RGB. Without a `test` folder a stratified, seeded share of `train` is held
+out, so every folder has a test split.
+
+No TensorFlow: this reader replaced TFDS's ImageFolder builder and keeps its
+conventions, so a folder loads into the same arrays as before (byte for byte
+for PNGs): the same class list (every class folder of every split folder), the
+same example order (paths sorted, then shuffled by `random.Random(split)`),
+and the same RGB conversion (alpha dropped, not composited; 16-bit samples cut
+to their high byte). JPEGs differ by a few levels per pixel: TensorFlow
+decoded them with libjpeg's fast integer IDCT by default, Pillow uses the
+accurate one (what TF's dct_method='INTEGER_ACCURATE' gives, exactly).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
-from typing import Any
+import random
 
 from absl import logging
 import numpy as np
@@ -16,7 +26,8 @@ import numpy as np
 from aikd_jax import data
 
 TEST_FRACTION = 0.2
-_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')  # What ImageFolder reads.
+_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')  # What ImageFolder read.
+_READ_CHUNK = 1024  # Images decoded (in parallel) between shape checks.
 
 
 def check_layout(root: str) -> None:
@@ -46,20 +57,14 @@ def check_layout(root: str) -> None:
 def load(name: str, root: str, split_seed: int,
          image_size: int | None) -> data.Dataset:
   """Loads `root` whole; `image_size` resizes each image as it is read."""
-  # TFDS is imported late: digits uses this module's split and resize only.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
   check_layout(root)
-  data.hide_accelerators_from_tensorflow()
-  builder = tfds.folder_dataset.ImageFolder(root)
-  class_names = tuple(builder.info.features['label'].names)
-  splits = set(builder.info.splits.keys())
-  ignored = sorted(splits - {'train', 'test'})
+  class_names, splits = _list_examples(root)
+  ignored = sorted(set(splits) - {'train', 'test'})
   if ignored:
     logging.info('%s: ignoring split folders %s.', root, ignored)
-  train_images, train_labels = _read_split(builder, 'train', image_size)
+  train_images, train_labels = _read_split(root, splits['train'], image_size)
   if 'test' in splits:
-    test_images, test_labels = _read_split(builder, 'test', image_size)
+    test_images, test_labels = _read_split(root, splits['test'], image_size)
     if test_images.shape[1:] != train_images.shape[1:]:
       raise ValueError(
           f'{root}: test images are {test_images.shape[1:]} but train images '
@@ -117,29 +122,93 @@ def resize_all(images: np.ndarray, size: int) -> np.ndarray:
   return np.stack([resize(image, size) for image in images])
 
 
+def _list_examples(
+    root: str,
+) -> tuple[tuple[str, ...], dict[str, list[tuple[str, int]]]]:
+  """(class names, {split: [(image path, label)]}), as ImageFolder listed them.
+
+  Every folder of `root` that holds class folders is a split, and the class
+  names are those of all splits together, sorted. Within a split the paths
+  are sorted by class, then file name, then shuffled with
+  `random.Random(split)` (ImageFolder's "deterministic shuffle").
+  """
+  by_split, names = {}, set()
+  for split in _class_dirs(root):
+    split_dir = os.path.join(root, split)
+    classes = _class_dirs(split_dir)
+    if classes:
+      names.update(classes)
+      by_split[split] = [
+          (os.path.join(split_dir, name, f), name) for name in classes
+          for f in _image_files(os.path.join(split_dir, name))]
+  class_names = tuple(sorted(names))
+  index = {name: i for i, name in enumerate(class_names)}
+  splits = {}
+  for split, examples in by_split.items():
+    random.Random(split).shuffle(examples)
+    splits[split] = [(path, index[name]) for path, name in examples]
+  return class_names, splits
+
+
 def _read_split(
-    builder: Any, split: str, image_size: int | None
+    root: str, examples: list[tuple[str, int]], image_size: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
   """Decodes every image of a split (as RGB), resizing if asked to."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  paths = [path for path, _ in examples]
+  labels = np.asarray([label for _, label in examples], np.int32)
+  images = None
+  # Pillow releases the GIL while it decodes and resizes, so threads help.
+  with concurrent.futures.ThreadPoolExecutor(_num_workers()) as pool:
+    for start in range(0, len(paths), _READ_CHUNK):
+      chunk = paths[start:start + _READ_CHUNK]
+      decoded = pool.map(lambda p: _read_image(p, image_size), chunk)
+      for i, pixels in enumerate(decoded, start):
+        if images is None:
+          images = np.empty((len(paths),) + pixels.shape, np.uint8)
+        elif pixels.shape != images.shape[1:]:
+          raise ValueError(
+              f'Images in {root} differ in size: {paths[i]} is '
+              f'{_hw(pixels)} but {paths[0]} is {_hw(images[0])}. Pass '
+              'image_size (e.g. --config.image_size=32) to resize them all.')
+        images[i] = pixels
+  return images, labels
 
-  images, labels = [], []
-  first_file = None
-  for example in tfds.as_numpy(builder.as_dataset(split=split)):
-    pixels = example['image']
-    filename = example['image/filename'].decode()
-    if image_size is not None:
-      pixels = resize(pixels, image_size)
-    elif images and pixels.shape != images[0].shape:
-      raise ValueError(
-          f'Images in {builder.data_dir} differ in size: {filename} is '
-          f'{_hw(pixels)} but {first_file} is {_hw(images[0])}. Pass '
-          'image_size (e.g. --config.image_size=32) to resize them all.')
-    if first_file is None:
-      first_file = filename
-    images.append(pixels)
-    labels.append(example['label'])
-  return np.stack(images).astype(np.uint8), np.asarray(labels, np.int32)
+
+def _read_image(path: str, image_size: int | None) -> np.ndarray:
+  pixels = _decode_rgb(path)
+  return pixels if image_size is None else resize(pixels, image_size)
+
+
+def _decode_rgb(path: str) -> np.ndarray:
+  """uint8 [H, W, 3], as `tf.image.decode_image(channels=3)` decodes it."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  try:
+    with Image.open(path) as image:
+      if image.mode.startswith('I;16'):  # 16-bit grey PNG.
+        # libpng's strip_16 in TensorFlow keeps the high byte; Pillow's
+        # conversion to 8 bits would clip instead.
+        grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+      if image.mode in ('P', 'PA'):
+        # Via RGBA: the palette's colours, the transparency dropped (and no
+        # warning about transparency that RGB cannot hold).
+        image = image.convert('RGBA')
+      if image.mode != 'RGB':
+        image = image.convert('RGB')  # Grey replicated; alpha dropped.
+      return np.asarray(image, np.uint8)
+  except (OSError, SyntaxError, ValueError) as e:  # Pillow's decode errors.
+    raise data.DatasetUnavailableError(
+        f'Cannot read {path} as an image ({e}); remove or replace it.'
+    ) from e
+
+
+def _num_workers() -> int:
+  try:
+    cpus = len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    cpus = os.cpu_count() or 1
+  return min(32, cpus + 4)
 
 
 def _hw(pixels: np.ndarray) -> str:

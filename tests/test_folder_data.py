@@ -1,12 +1,18 @@
 """Tests for aikd_jax.folder_data (through the public load_dataset)."""
 
+import json
 import os
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 from PIL import Image
 import pytest
 
 from aikd_jax import data
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_missing_folder_names_the_path(tmp_path):
@@ -115,3 +121,107 @@ def test_folder_without_test_split_holds_out_stratified(tmp_path):
                          (a.test_images, a.test_labels)):
     for image, label in zip(images, labels):
       assert truth[('train', image.tobytes())] == label
+
+
+def _write_mixed_modes(root):
+  """train/ and test/ (classes ant, bee) in several PNG modes, plus val/
+  with a class of its own; returns nothing (the truth comes from TFDS)."""
+  rng = np.random.default_rng(1)
+  palette = rng.integers(0, 256, 768).astype(np.uint8).tolist()
+  for split, count in (('train', 7), ('test', 3), ('val', 1)):
+    for name in (('ant', 'bee') if split != 'val' else ('cow',)):
+      os.makedirs(os.path.join(root, split, name))
+      for i in range(count):
+        path = os.path.join(root, split, name, f'{i}.png')
+        kind = i % 5
+        shape = ((6, 6, 3), (6, 6), (6, 6, 4), (6, 6), (6, 6))[kind]
+        dtype = np.uint16 if kind == 3 else np.uint8  # 16-bit grey.
+        pixels = rng.integers(0, np.iinfo(dtype).max + 1, shape, dtype=dtype)
+        if kind < 4:  # RGB, L, RGBA, I;16.
+          Image.fromarray(pixels).save(path)
+        else:  # Palette with per-entry transparency.
+          image = Image.fromarray(pixels, 'P')
+          image.putpalette(palette)
+          image.save(path, transparency=bytes(range(0, 256, 8)))
+  with open(os.path.join(root, 'train', 'ant', 'notes.txt'), 'w') as f:
+    f.write('not an image')
+
+
+def test_folder_matches_tfds_image_folder(tmp_path):
+  """The arrays TFDS's ImageFolder (the loader this one replaced) gave."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  pytest.importorskip('tensorflow')
+  _write_mixed_modes(str(tmp_path))
+  builder = tfds.folder_dataset.ImageFolder(str(tmp_path))
+  expected = {}
+  for split in ('train', 'test'):
+    examples = list(tfds.as_numpy(builder.as_dataset(split=split)))
+    expected[split] = (np.stack([e['image'] for e in examples]),
+                       np.array([e['label'] for e in examples], np.int32))
+  ds = data.load_dataset(f'folder:{tmp_path}')
+  # val's class counts too, as it did for ImageFolder.
+  assert ds.class_names == tuple(builder.info.features['label'].names) == (
+      'ant', 'bee', 'cow')
+  for split, images, labels in (('train', ds.train_images, ds.train_labels),
+                                ('test', ds.test_images, ds.test_labels)):
+    np.testing.assert_array_equal(images, expected[split][0])
+    np.testing.assert_array_equal(labels, expected[split][1])
+
+
+def test_folder_decodes_16_bit_and_transparent_palettes(tmp_path):
+  grey16 = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1021
+  palette = np.arange(768, dtype=np.uint8)[::-1]
+  indices = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+  os.makedirs(tmp_path / 'train' / 'a')
+  Image.fromarray(grey16).save(tmp_path / 'train' / 'a' / '0.png')
+  image = Image.fromarray(indices, 'P')
+  image.putpalette(palette.tolist())
+  image.save(tmp_path / 'train' / 'a' / '1.png', transparency=bytes(range(64)))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # e.g. Pillow's palette-transparency one.
+    ds = data.load_dataset(f'folder:{tmp_path}')
+  images = np.concatenate([ds.train_images, ds.test_images])
+  got = {image[..., 0].tobytes() for image in images}
+  assert (grey16 >> 8).astype(np.uint8).tobytes() in got  # The high byte.
+  assert palette.reshape(256, 3)[indices][..., 0].tobytes() in got
+  for image in images:
+    if (image[..., 0] == image[..., 1]).all():
+      np.testing.assert_array_equal(image[..., 0], image[..., 2])
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+  _write_folder(str(tmp_path), sizes=[(8, 8)])
+  bad = tmp_path / 'train' / 'ant' / 'broken.png'
+  bad.write_bytes(b'\x89PNG\r\n\x1a\n not really')
+  with pytest.raises(data.DatasetUnavailableError) as info:
+    data.load_dataset(f'folder:{tmp_path}')
+  assert str(bad) in str(info.value)
+
+
+def test_folder_load_imports_no_tensorflow(tmp_path):
+  """In a clean interpreter, a folder loads without TensorFlow or TFDS."""
+  _write_folder(str(tmp_path / 'with_test'), sizes=[(12, 12)], mode='L')
+  _write_folder(str(tmp_path / 'no_test'), sizes=[(12, 12), (10, 14)],
+                per_class={'train': 5})
+  code = f"""
+import json, sys
+from aikd_jax import data
+shapes = []
+for root, size in (({str(tmp_path / 'with_test')!r}, None),
+                   ({str(tmp_path / 'no_test')!r}, 8)):
+  data.check_dataset_available('folder:' + root)
+  ds = data.load_dataset('folder:' + root, None, download=False,
+                         split_seed=0, image_size=size)
+  shapes.append([list(ds.train_images.shape), list(ds.test_images.shape)])
+print(json.dumps({{'shapes': shapes, 'modules': sorted(
+    m for m in sys.modules
+    if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets'))}}))
+"""
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['shapes'] == [[[9, 12, 12, 3], [6, 12, 12, 3]],
+                              [[12, 8, 8, 3], [3, 8, 8, 3]]]
+  assert result['modules'] == []

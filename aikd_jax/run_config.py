@@ -18,7 +18,8 @@ import ml_collections
 
 from aikd_jax import data as data_lib
 from aikd_jax import models
-from aikd_jax.objective import Objective, resolve_objective
+from aikd_jax import results as results_lib
+from aikd_jax.objective import OVERRIDABLE_FIELDS, Objective, resolve_objective
 
 CONFIG_FILE = "config.json"
 # Fields that never change what is trained or how it is evaluated.
@@ -29,8 +30,7 @@ RESULT_NEUTRAL_FIELDS = frozenset({
 # Fields that may grow between runs (checked against the progress made).
 EXTENDABLE_FIELDS = frozenset({"num_epochs", "teacher_num_epochs"})
 DTYPES = ("float32", "bfloat16")
-OBJECTIVE_FIELDS = ("alpha_T", "label_smoothing", "lambda_det", "lambda_adv",
-                    "lambda_cls", "temperature", "teacher_mode")
+OBJECTIVE_FIELDS = OVERRIDABLE_FIELDS
 
 
 class ConfigError(ValueError):
@@ -58,10 +58,11 @@ def validate(config: ml_collections.ConfigDict) -> Objective:
     raise ConfigError(f"Unknown model {config.model!r}; choose one of "
                       f"{', '.join(models.MODEL_NAMES)}.")
   if not (config.dataset in data_lib.KNOWN_DATASETS or
-          str(config.dataset).startswith("folder:")):
+          str(config.dataset).startswith(data_lib.FOLDER_PREFIX)):
     raise ConfigError(
         f"Unknown dataset {config.dataset!r}; choose one of "
-        f"{', '.join(data_lib.KNOWN_DATASETS)} or folder:/path/to/images.")
+        f"{', '.join(data_lib.KNOWN_DATASETS)} or "
+        f"{data_lib.FOLDER_PREFIX}/path/to/images.")
   for field in ("compute_dtype", "bank_dtype"):
     if config[field] not in DTYPES:
       raise ConfigError(f"{field} must be one of {DTYPES}, "
@@ -77,8 +78,10 @@ def validate(config: ml_collections.ConfigDict) -> Objective:
   for field in ("learning_rate", "disc_learning_rate"):
     if not config[field] > 0:
       raise ConfigError(f"{field} must be positive, got {config[field]}.")
-  if config.weight_decay < 0 or config.crop_padding < 0:
-    raise ConfigError("weight_decay and crop_padding must be non-negative.")
+  for field in ("weight_decay", "crop_padding", "warmup_epochs",
+                "grad_clip_norm"):
+    if config[field] < 0:
+      raise ConfigError(f"{field} must be non-negative, got {config[field]}.")
   devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % devices:
@@ -137,11 +140,7 @@ def _same_objective(saved: dict[str, Any], current: dict[str, Any]) -> bool:
 
 
 def saved_config(workdir: str) -> dict[str, Any] | None:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return results_lib.read_json(os.path.join(workdir, CONFIG_FILE))
 
 
 # What a teacher-only workdir's result does not depend on.
@@ -184,8 +183,5 @@ def compare_with_saved(config: ml_collections.ConfigDict, workdir: str,
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes config.json atomically (the newest accepted config)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(_plain(config), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  results_lib.write_json(os.path.join(workdir, CONFIG_FILE), _plain(config),
+                         sort_keys=True)

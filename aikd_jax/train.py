@@ -10,7 +10,6 @@ is skipped once its results file says it finished.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -21,7 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from aikd_jax import banks
@@ -30,12 +28,13 @@ from aikd_jax import data as data_lib
 from aikd_jax import metrics as metrics_lib
 from aikd_jax import models
 from aikd_jax import optim
+from aikd_jax import results as results_lib
 from aikd_jax import run_config
 from aikd_jax import train_step as step_lib
+from aikd_jax import writers
 from aikd_jax.objective import Objective, resolve_objective
 
 STAGES = ("teacher", "teacher_logits", "student")
-RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 # Salts keep the stages' random streams apart under one seed.
 _STAGE_SALT = {"teacher": 1, "student": 3}
@@ -125,39 +124,18 @@ class _SignalFlag:
                       "results are saved. Rerun the same command to go on.")
 
 
-def _write_json(path: str, payload: Any) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(tmp, path)
-
-
-def finished_results(stage_dir: str, num_epochs: int | None = None
-                     ) -> dict | None:
-  """A stage's results if it finished (with at least `num_epochs` epochs)."""
-  path = os.path.join(stage_dir, RESULTS_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    results = json.load(f)
-  if not results.get("complete"):
-    return None
-  if num_epochs is not None and results["num_epochs"] < num_epochs:
-    return None  # num_epochs was extended: the stage goes on.
-  return results
-
-
 _NO_BAD_STEP = np.iinfo(np.int32).max
+# Read as the largest value of a log interval or epoch, not the mean.
+PEAK_METRICS = ("train/max_abs_logit",)
 
 
 @jax.jit
 def _no_totals(metrics: dict) -> dict:
   """Empty epoch totals shaped like one step's metrics."""
   return {"sum": jax.tree.map(jnp.zeros_like, metrics),
-          "first_bad": jax.tree.map(lambda _: jnp.int32(_NO_BAD_STEP),
-                                    metrics)}
+          "peak": jax.tree.map(lambda v: jnp.full_like(v, -jnp.inf), metrics),
+          "bad_step": jnp.int32(_NO_BAD_STEP),
+          "bad_values": jax.tree.map(jnp.zeros_like, metrics)}
 
 
 @jax.jit
@@ -165,15 +143,55 @@ def _accumulate(totals: dict, metrics: dict, step: jax.Array) -> dict:
   """Adds one step's metrics to the epoch's totals, on device.
 
   Keeps, per metric, the running float32 sum (added step by step, so the
-  epoch means do not depend on when the host reads them) and the first step
-  at which it was not finite; the host reads a few scalars per log interval.
+  epoch means do not depend on when the host reads them) and the largest
+  value since the last read; and the first step at which any metric was not
+  finite, with all of that step's values, so a divergence can be reported
+  whole. The host reads a few scalars per log interval.
   """
-  first_bad = jax.tree.map(
-      lambda bad, value: jnp.minimum(
-          bad, jnp.where(jnp.isfinite(value), _NO_BAD_STEP, step)),
-      totals["first_bad"], metrics)
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v))
+                              for v in jax.tree.leaves(metrics)]))
+  first_bad = ~finite & (totals["bad_step"] == _NO_BAD_STEP)
   return {"sum": jax.tree.map(jnp.add, totals["sum"], metrics),
-          "first_bad": first_bad}
+          "peak": jax.tree.map(jnp.maximum, totals["peak"], metrics),
+          "bad_step": jnp.where(first_bad, step, totals["bad_step"]),
+          "bad_values": jax.tree.map(
+              lambda old, new: jnp.where(first_bad, new, old),
+              totals["bad_values"], metrics)}
+
+
+@jax.jit
+def _reset_peaks(totals: dict) -> dict:
+  return {**totals, "peak": jax.tree.map(
+      lambda v: jnp.full_like(v, -jnp.inf), totals["peak"])}
+
+
+def divergence_message(stage: str, step: int, steps_per_epoch: int,
+                       values: dict[str, float], objective: Objective,
+                       config: ml_collections.ConfigDict) -> str:
+  """Names every non-finite term of the step, its other values, a remedy."""
+  bad = sorted(name for name, v in values.items() if not np.isfinite(v))
+  rest = sorted(name for name in values if name not in bad)
+  shown = lambda names: ", ".join(f"{n} = {values[n]:.4g}" for n in names)
+  return (f"Training diverged at step {step} (epoch {step // steps_per_epoch})"
+          f" of the {stage} stage: {shown(bad)} not finite; the same step's "
+          f"other values: {shown(rest)}. Nothing after the last checkpoint "
+          f"was saved. To go on, {_remedies(stage, objective, config)}, then "
+          "rerun.")
+
+
+def _remedies(stage: str, objective: Objective,
+              config: ml_collections.ConfigDict) -> str:
+  """What to change after a divergence, the most specific first."""
+  remedies = []
+  if stage == "student" and objective.uses_teacher:
+    remedies.append(
+        "ramp the pre-trained model's terms in over more epochs (--config."
+        f"teacher_ramp_epochs, now {objective.teacher_ramp_epochs:g})")
+  remedies.append(
+      f"lower --config.learning_rate (now {config.learning_rate:g})")
+  if not config.grad_clip_norm:
+    remedies.append("clip the gradient (e.g. --config.grad_clip_norm=5)")
+  return ", or ".join(remedies)
 
 
 def _gather(array: jax.Array) -> np.ndarray:
@@ -207,7 +225,7 @@ class _Trainer:
     self.discriminator = models.Discriminator(tuple(config.disc_hidden))
     self.learning_rate = optim.student_learning_rate(
         config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor,
-        self.steps_per_epoch)
+        self.steps_per_epoch, config.warmup_epochs)
     self.seed = int(config.seed) * 16 + _STAGE_SALT[stage]
 
   def initial_carry(self) -> step_lib.TrainCarry:
@@ -215,7 +233,8 @@ class _Trainer:
     config = self.config
     tx = optim.student_optimizer(self.learning_rate, momentum=config.momentum,
                                  nesterov=config.nesterov,
-                                 weight_decay=config.weight_decay)
+                                 weight_decay=config.weight_decay,
+                                 grad_clip_norm=config.grad_clip_norm)
     disc_tx = optim.discriminator_optimizer(
         config.disc_learning_rate, config.disc_b1, config.disc_b2)
     student_key, disc_key = jax.random.split(jax.random.key(self.seed))
@@ -256,11 +275,12 @@ class _Trainer:
     logits = logits[:len(self.data.test_labels)]
     if not np.all(np.isfinite(logits)):
       raise NonFiniteLossError(
-          f"The {self.stage} stage's test logits are not finite at epoch "
-          f"{epoch} (after step {(epoch + 1) * self.steps_per_epoch}) although "
-          "every loss term was: the "
-          "weights diverged. Nothing from this epoch was saved; lower the "
-          "learning rate, then rerun.")
+          f"Training diverged in epoch {epoch} of the {self.stage} stage: "
+          "every loss term was finite, but the test logits after step "
+          f"{(epoch + 1) * self.steps_per_epoch} are not (the eval-mode "
+          "weights exploded). Nothing from this epoch was saved. To go on, "
+          f"{_remedies(self.stage, self.objective, self.config)}, then "
+          "rerun.")
     return (metrics_lib.classification_report(logits, self.data.test_labels),
             metrics_lib.reliability_diagram(logits, self.data.test_labels))
 
@@ -292,7 +312,8 @@ class _Trainer:
     os.makedirs(self.stage_dir, exist_ok=True)
     total_steps = self.num_epochs * spe
     carry = self.initial_carry()
-    progress = {"history": [], "epoch_sums": {}, "epoch_steps": 0}
+    progress = {"history": [], "epoch_sums": {}, "epoch_peaks": {},
+                "epoch_steps": 0}
     ckpts = self.checkpoints()
     latest = ckpts.latest_step()
     if latest is not None:
@@ -310,9 +331,9 @@ class _Trainer:
         discriminator=self.discriminator, learning_rate=self.learning_rate,
         teacher_model=teacher_model)
     predict = self.predict_fn()
-    writer = metric_writers.create_default_writer(
+    writer = writers.create_writer(
         self.stage_dir, just_logging=jax.process_index() > 0)
-    report = periodic_actions.ReportProgress(
+    report = writers.ReportProgress(
         num_train_steps=total_steps, writer=writer,
         every_steps=config.log_every_steps)
     step = int(carry.student.step)
@@ -340,7 +361,8 @@ class _Trainer:
         log_now = epoch_done or step % config.log_every_steps == 0
         stop = self._stop_agreed(log_now)
         if log_now or stop:
-          logged = self._flush(totals, logged, progress, writer, step)
+          totals, logged = self._flush(totals, logged, progress, writer,
+                                       step)
         if epoch_done:
           with report.timed("eval"):
             self._end_epoch(epoch, carry, predict, progress, writer)
@@ -357,13 +379,13 @@ class _Trainer:
               f"{step} of the {self.stage} stage. Rerun the same command "
               "with the same --workdir to resume.")
       ckpts.wait()
-      if latest is None or latest < total_steps or not finished_results(
+      if latest is None or latest < total_steps or not results_lib.finished_results(
           self.stage_dir, self.num_epochs):
         self._write_results(progress)
     finally:
       ckpts.wait()
       ckpts.close()
-      writer.flush()
+      writer.close()
     return carry
 
   def _epoch_rows(self, epoch: int) -> tuple[jax.Array, jax.Array | None]:
@@ -398,42 +420,43 @@ class _Trainer:
     """Device totals of a checkpoint taken mid-epoch, bit for bit."""
     if not progress["epoch_steps"]:
       return None
-    put = lambda value: jax.device_put(np.float32(value),
-                                       banks.replicated(self.mesh))
-    sums = progress["epoch_sums"]
-    return {"sum": {name: put(value) for name, value in sums.items()},
-            "first_bad": {name: jax.device_put(
-                np.int32(_NO_BAD_STEP), banks.replicated(self.mesh))
-                          for name in sums}}
+    put = lambda value: jax.device_put(value, banks.replicated(self.mesh))
+    sums = {name: np.float32(v) for name, v in progress["epoch_sums"].items()}
+    return put({"sum": sums,
+                "peak": {name: np.float32(-np.inf) for name in sums},
+                "bad_step": np.int32(_NO_BAD_STEP),
+                "bad_values": {name: np.float32(0) for name in sums}})
 
   def _flush(self, totals: dict | None, logged: tuple, progress: dict,
-             writer, step: int) -> tuple:
-    """Reads the epoch's metric totals: NaN check, log, progress.
+             writer, step: int) -> tuple[dict | None, tuple]:
+    """Reads the epoch's metric totals: divergence check, log, progress.
 
-    Returns the (sums, steps) logged so far, to log the next interval's means.
+    Returns the totals with their interval peaks reset, and the (sums, steps)
+    logged so far, to log the next interval's means.
     """
     steps_in_epoch = step - (step - 1) // self.steps_per_epoch * (
         self.steps_per_epoch)
     if totals is None or steps_in_epoch == logged[1]:
-      return logged
+      return totals, logged
     fetched = jax.device_get(totals)
-    bad = {name: int(s) for name, s in fetched["first_bad"].items()
-           if s != _NO_BAD_STEP}
-    if bad:
-      name, bad_step = min(bad.items(), key=lambda item: (item[1], item[0]))
-      raise NonFiniteLossError(
-          f"{name} is not finite (sum {float(fetched['sum'][name])}) at step "
-          f"{bad_step} (epoch {bad_step // self.steps_per_epoch}) of the "
-          f"{self.stage} stage. Nothing after the last checkpoint was saved; "
-          "lower the learning rate or check the data, then rerun.")
+    if fetched["bad_step"] != _NO_BAD_STEP:
+      raise NonFiniteLossError(divergence_message(
+          self.stage, int(fetched["bad_step"]), self.steps_per_epoch,
+          {name: float(v) for name, v in fetched["bad_values"].items()},
+          self.objective, self.config))
     sums = {name: float(total) for name, total in fetched["sum"].items()}
+    peaks = {name: float(fetched["peak"][name]) for name in PEAK_METRICS
+             if name in sums}
     progress["epoch_sums"], progress["epoch_steps"] = sums, steps_in_epoch
+    epoch_peaks = progress.setdefault("epoch_peaks", {})
+    for name, value in peaks.items():
+      epoch_peaks[name] = max(value, epoch_peaks.get(name, -np.inf))
     logged_sums, logged_steps = logged
     count = steps_in_epoch - logged_steps
     writer.write_scalars(step, {
         name: (total - logged_sums.get(name, 0.0)) / count
-        for name, total in sums.items()})
-    return dict(sums), steps_in_epoch
+        for name, total in sums.items()} | peaks)
+    return _reset_peaks(totals), (dict(sums), steps_in_epoch)
 
   def _end_epoch(self, epoch: int, carry: step_lib.TrainCarry, predict,
                  progress: dict, writer) -> None:
@@ -442,6 +465,7 @@ class _Trainer:
                                       epoch)
     count = max(progress["epoch_steps"], 1)
     train = {k: v / count for k, v in progress["epoch_sums"].items()}
+    train.update(progress.pop("epoch_peaks", {}))
     progress["history"].append({"epoch": epoch, "train": train,
                                 "test": test, "reliability": reliability})
     progress["epoch_sums"], progress["epoch_steps"] = {}, 0
@@ -454,7 +478,7 @@ class _Trainer:
   def _write_results(self, progress: dict) -> None:
     history = progress["history"]
     best = min(history, key=lambda h: h["test"]["top1_err"])
-    _write_json(os.path.join(self.stage_dir, RESULTS_FILE), {
+    _write_results_file(os.path.join(self.stage_dir, results_lib.RESULTS_FILE), {
         "stage": self.stage,
         "method": "ce" if self.stage == "teacher" else self.config.method,
         "objective": dataclasses.asdict(self.objective),
@@ -483,12 +507,12 @@ def _teacher_logits_stage(trainer: _Trainer,
   template = {"teacher_bank": jax.device_put(
       jnp.zeros((data.layout.num_rows, data.num_classes),
                 trainer.config.bank_dtype), banks.data_sharding(trainer.mesh))}
-  results_path = os.path.join(stage_dir, RESULTS_FILE)
+  results_path = os.path.join(stage_dir, results_lib.RESULTS_FILE)
   try:
     if ckpts.latest_step() == teacher_step:
       logging.info("teacher_logits: finished earlier; loading the bank.")
       restored, progress = ckpts.restore(teacher_step, template)
-      if not finished_results(stage_dir):  # Stopped before writing results.
+      if not results_lib.finished_results(stage_dir):  # Stopped before writing results.
         _write_stage2_results(results_path, progress["train_report"], None)
       return restored["teacher_bank"]
     start = time.monotonic()
@@ -510,9 +534,14 @@ def _teacher_logits_stage(trainer: _Trainer,
     ckpts.close()
 
 
+def _write_results_file(path: str, payload: dict) -> None:
+  if jax.process_index() == 0:  # Every process holds the same; one file.
+    results_lib.write_json(path, payload)
+
+
 def _write_stage2_results(path: str, report: dict,
                           seconds: float | None) -> None:
-  _write_json(path, {
+  _write_results_file(path, {
       "stage": "teacher_logits", "complete": True,
       "split": "train (un-augmented, eval mode)", "seconds": seconds,
       "last": report, "best": report})
@@ -530,7 +559,7 @@ def _teacher_stage(config, data, mesh, workdir, signals
     logging.info("teacher: loaded %s step %d.", config.teacher_checkpoint,
                  int(teacher.step))
     return teacher, trainer
-  if finished_results(trainer.stage_dir, trainer.num_epochs):
+  if results_lib.finished_results(trainer.stage_dir, trainer.num_epochs):
     logging.info("teacher: finished earlier; loading its final state.")
     return trainer.restore_final().student, trainer
   dummy = _empty_teacher_bank(mesh)
@@ -583,7 +612,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with _SignalFlag() as signals:
     if teacher_only:
       _teacher_stage(config, data, mesh, workdir, signals)
-      return finished_results(os.path.join(workdir, "teacher"))
+      return results_lib.finished_results(os.path.join(workdir, "teacher"))
     teacher_bank, teacher_variables, teacher_model = (
         _empty_teacher_bank(mesh), {}, None)
     if objective.uses_teacher:
@@ -603,9 +632,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        num_epochs=config.num_epochs, config=config,
                        data=data, mesh=mesh, workdir=workdir,
                        signals=signals)
-    if finished_results(student.stage_dir, student.num_epochs):
+    if results_lib.finished_results(student.stage_dir, student.num_epochs):
       logging.info("student: finished earlier; nothing to do.")
     else:
       student.run(teacher_bank, teacher_variables, teacher_model)
-  with open(os.path.join(student.stage_dir, RESULTS_FILE)) as f:
-    return json.load(f)
+  return results_lib.read_json(
+      os.path.join(student.stage_dir, results_lib.RESULTS_FILE))

@@ -148,6 +148,7 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
     teacher_logits = lax.stop_gradient(teacher_logits.astype(jnp.float32))
 
   alpha = losses.alpha_at(epoch, obj.alpha_T, config.num_epochs)
+  teacher_weight = obj.teacher_weight(step, config.steps_per_epoch)
   previous = carry.prediction_bank[rows].astype(jnp.float32)
   targets = losses.progressive_targets(labels, previous, alpha,
                                        config.num_classes,
@@ -165,7 +166,7 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
     if obj.lambda_det > 0:
       terms["det"] = losses.distillation_kl(logits, teacher_logits,
                                             obj.temperature).mean()
-      student_loss += obj.lambda_det * terms["det"]
+      student_loss += teacher_weight * obj.lambda_det * terms["det"]
     if obj.uses_partners:
       # CS-KD: a second train-mode pass on the same-class partners, without
       # gradient (its BatchNorm statistics update follows the anchors').
@@ -185,7 +186,7 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
       fooled = discriminator.apply({"params": lax.stop_gradient(disc_params)},
                                    probs)
       terms["adv"] = losses.generator_loss(fooled).mean()
-      student_loss += obj.lambda_adv * terms["adv"]
+      student_loss += teacher_weight * obj.lambda_adv * terms["adv"]
       real = discriminator.apply({"params": disc_params},
                                  jax.nn.softmax(teacher_logits))
       fake = discriminator.apply({"params": disc_params},
@@ -196,6 +197,7 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
       aux["disc_fake_acc"] = jnp.mean(fake < 0)
     terms["student"] = student_loss
     aux["train_acc"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+    aux["max_abs_logit"] = jnp.max(jnp.abs(logits))
     return student_loss + disc_loss, (terms, aux, probs, model_updates)
 
   grad_fn = jax.grad(objective_fn, argnums=(0, 1), has_aux=True)
@@ -229,6 +231,12 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
   metrics = {**{f"loss/{k}": v for k, v in terms.items()},
              **{f"train/{k}": v for k, v in aux.items()}}
   metrics = lax.pmean(metrics, DATA_AXIS)
+  # Early signs of divergence: the largest logit on any device, and the
+  # global norm of the loss gradient (before weight decay or clipping).
+  metrics["train/max_abs_logit"] = lax.pmax(aux["max_abs_logit"], DATA_AXIS)
+  metrics["train/grad_norm"] = optax.global_norm(grads)
+  if obj.uses_teacher and obj.teacher_ramp_epochs > 0:
+    metrics["train/teacher_weight"] = jnp.asarray(teacher_weight, jnp.float32)
   metrics["train/learning_rate"] = jnp.asarray(learning_rate(step),
                                                jnp.float32)
   metrics["train/alpha"] = jnp.asarray(alpha, jnp.float32)

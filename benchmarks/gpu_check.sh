@@ -14,6 +14,11 @@
 #             printed figure; gpu_check.stderr.txt; one JSON per benchmark)
 #   PYTHON    interpreter (default: python3)
 #   SMOKE=1   small settings for a CPU smoke test
+#   FASHION_MNIST_DIR  an image folder written by fashion_mnist_folder.py
+#             (ROOT/train/<class>/*.png; 1,000 per class is 12 MB): when set,
+#             a teacher + ce, ps_kd, ai_kd comparison on it runs first, with
+#             PreAct ResNet-18 at PS-KD's recipe (FM_EPOCHS epochs, default
+#             15), and its table is printed.
 #   BUDGET_S  wall-clock budget for all commands (default 450 s; 900 s with
 #             SMOKE); each command has its own cap as well, and a command
 #             whose turn comes with under 15 s left is skipped.
@@ -108,7 +113,27 @@ else
   run pytest "$PYTEST_CAP" "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 fi
 
-# 2-5. Benchmarks.
+# 2. Real images: a short comparison on the Fashion-MNIST folder.
+if [ -n "${FASHION_MNIST_DIR:-}" ]; then
+  FM_ARGS=(--config.num_epochs="${FM_EPOCHS:-15}")
+  if [ "$SMOKE" = "1" ]; then
+    FM_ARGS=(--config.num_epochs=1 --config.image_size=16
+             --config.crop_padding=2)
+  else
+    FM_ARGS+=(--config.compute_dtype=bfloat16)
+  fi
+  rm -rf "$RESULTS/fashion_mnist"
+  run fashion_mnist_compare 200 "$PY" -m aikd_jax.compare \
+    --config="configs/fashion_mnist.py:$FASHION_MNIST_DIR" "${FM_ARGS[@]}" \
+    --methods=ce,ps_kd,ai_kd --seeds=1 --workdir="$RESULTS/fashion_mnist"
+  if [ -f "$RESULTS/fashion_mnist/report/results.md" ]; then
+    cat "$RESULTS/fashion_mnist/report/results.md" | tee -a "$LOG"
+  fi
+else
+  say "== fashion_mnist_compare: SKIPPED (FASHION_MNIST_DIR is not set)"
+fi
+
+# 3-7. Benchmarks.
 if [ "$SMOKE" = "1" ]; then
   MODEL=tiny_cnn
   ST_ARGS=(--model=tiny_cnn --batch_sizes=32,64 --num_examples=2048
@@ -148,7 +173,7 @@ run compare_frameworks 150 "$PY" benchmarks/compare_frameworks.py \
 
 say ""
 say "== summary ($(($(date +%s) - START))s in all, model $MODEL)"
-SUMMARY=$(grep -E "ratio:|images/s \(|full-bank copies|passed|failed|rror|TIMED OUT|FAILED|SKIPPED|skipp|missing" "$LOG" | grep -v "^== summary")
+SUMMARY=$(grep -E "ratio:|images/s \(|full-bank copies|passed|failed|rror|TIMED OUT|FAILED|SKIPPED|skipp|missing|^\| (CE|PS-KD|AI-KD) " "$LOG" | grep -v "^== summary")
 say "$SUMMARY"
 say ""
 say "results: $LOG (all printed figures), $ERR (stderr), JSON: $(ls "$RESULTS"/*.json 2>/dev/null | tr '\n' ' ')"

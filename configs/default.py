@@ -1,4 +1,4 @@
-"""Defaults shared by every config: METHOD.md's CIFAR-100 recipe.
+"""Defaults shared by every config: docs/method.md's CIFAR-100 recipe.
 
 Which defaults come from PS-KD's published recipe and which are this
 project's own choices is listed in README.md ("Defaults and their origin").
@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.lambda_cls = config_dict.placeholder(float)  # CS-KD's weight
   config.temperature = config_dict.placeholder(float)
   config.teacher_mode = config_dict.placeholder(str)  # precomputed | online
+  config.teacher_ramp_epochs = config_dict.placeholder(float)
 
   # Teacher (stage 1): trained with `ce` unless a checkpoint is named.
   config.teacher_checkpoint = ""  # a stage-1 checkpoint directory to reuse
@@ -53,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 5e-4
   config.lr_decay_epochs = (150, 225)
   config.lr_decay_factor = 0.1
+  # Off in PS-KD's recipe; available for unstable settings (ours).
+  config.warmup_epochs = 0.0  # linear learning-rate warmup from 0
+  config.grad_clip_norm = 0.0  # clip the global gradient norm; 0: off
 
   # Discriminator (this project's choices).
   config.disc_hidden = (256, 256)

@@ -102,7 +102,7 @@ def initial_prediction_bank(labels_by_id: np.ndarray, num_classes: int,
                             dtype, mesh: jax.sharding.Mesh) -> jax.Array:
   """The prediction bank before epoch 0: each row the one-hot label.
 
-  METHOD.md sets a row to onehot(y) before it is first read in epoch 0;
+  docs/method.md sets a row to onehot(y) before it is first read in epoch 0;
   holding the one-hot from the start is the same for every row read in epoch
   0 and well defined for rows skipped as a remainder. Padding rows hold 0.
   """

@@ -1,4 +1,4 @@
-"""Per-example losses of the AI-KD objective (see METHOD.md, "The objective").
+"""Per-example losses of the AI-KD objective (see docs/method.md, "The objective").
 
 Every function is pure and jit-able and returns one value per example (shape
 [B]); the training step takes the batch means and combines them with the

@@ -1,4 +1,4 @@
-"""Test-split metrics in PS-KD's conventions (METHOD.md, "Evaluation").
+"""Test-split metrics in PS-KD's conventions (docs/method.md, "Evaluation").
 
 Computed once per epoch on the host in float64 NumPy: the test split is at
 most ~100k examples, and float64 keeps ECE and AURC free of accumulation

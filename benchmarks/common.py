@@ -34,7 +34,7 @@ from aikd_jax import optim  # pylint: disable=g-import-not-at-top
 from aikd_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
 from aikd_jax.objective import resolve_objective  # pylint: disable=g-import-not-at-top
 
-# PS-KD's CIFAR-100 constants (METHOD.md).
+# PS-KD's CIFAR-100 constants (docs/method.md).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 CIFAR_SHAPE = (32, 32, 3)

@@ -4,7 +4,7 @@
   python benchmarks/compare_frameworks.py --batch_size=32 --dtype=float32 \
       --repeats=3 --steps_per_run=2        # CPU
 
-Contestants (all the `ai_kd` step of METHOD.md on synthetic CIFAR-shaped
+Contestants (all the `ai_kd` step of docs/method.md on synthetic CIFAR-shaped
 data, PreAct ResNet-18 by default):
   jax: `aikd_jax.train_step.make_train_step` (precomputed teacher), as
     step_throughput.py builds it;

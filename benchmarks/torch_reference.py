@@ -3,7 +3,7 @@
   python benchmarks/torch_reference.py --batch_size=128
   python benchmarks/torch_reference.py --variants=fast --compile=on
 
-Both variants run the same step as the JAX `ai_kd` preset (METHOD.md), written
+Both variants run the same step as the JAX `ai_kd` preset (docs/method.md), written
 here from the spec: PS-KD's PreAct ResNet-18 (or the tiny CNN), progressive
 targets from a prediction bank (alpha_T 0.8), KL to precomputed teacher logits
 (tau 4, weight 1), a discriminator MLP C -> 256 -> 256 -> 1 with LeakyReLU(0.2)
@@ -86,7 +86,7 @@ if torch is not None:
       return h + shortcut
 
   class PreActResNet18(nn.Module):
-    """METHOD.md's PreAct ResNet-18: 3x3 stem + BN + ReLU, [2,2,2,2] blocks."""
+    """docs/method.md's PreAct ResNet-18: 3x3 stem + BN + ReLU, [2,2,2,2] blocks."""
 
     def __init__(self, num_classes: int):
       super().__init__()
@@ -143,7 +143,7 @@ if torch is not None:
 
 
 class _Objective:
-  """ai_kd's constants (METHOD.md defaults)."""
+  """ai_kd's constants (docs/method.md defaults)."""
   alpha_T = 0.8
   temperature = 4.0
   lambda_det = 1.0

@@ -10,9 +10,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,8 +17,8 @@ from PIL import Image
 
 from aikd_jax import metrics as metrics_lib
 from aikd_jax import report as report_lib
+import e2e_util as u
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("top1_err", "top5_err", "nll", "ece", "aurc", "eaurc")
 METHODS = ("ps_kd", "ai_kd")
 SEEDS = 2
@@ -29,10 +26,9 @@ SHORT = ("--config.num_epochs=3", "--config.teacher_num_epochs=2")
 
 
 def run_module(module, *args, timeout=600):
-  start = time.monotonic()
-  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=timeout)
-  return proc, time.monotonic() - start
+  """`python -m module` in a subprocess: (the finished run, its seconds)."""
+  run = u.run_module(module, *args, timeout=timeout)
+  return run, run.seconds
 
 
 def compare_args(workdir, methods=",".join(METHODS)):
@@ -63,6 +59,7 @@ def comparison(tmp_path_factory):
   return workdir, proc, elapsed
 
 
+@pytest.mark.slow
 def test_runs_every_method_and_seed_and_writes_the_report(comparison):
   workdir, proc, _ = comparison
   for method in METHODS:
@@ -88,6 +85,7 @@ def test_runs_every_method_and_seed_and_writes_the_report(comparison):
   assert expected <= set(os.listdir(report_dir))
 
 
+@pytest.mark.slow
 def test_one_teacher_per_seed_shared_by_the_runs_that_need_it(comparison):
   workdir, proc, _ = comparison
   assert sorted(os.listdir(os.path.join(workdir, "teachers"))) == [
@@ -121,6 +119,7 @@ def test_one_teacher_per_seed_shared_by_the_runs_that_need_it(comparison):
         assert not os.path.exists(os.path.join(run_dir, "teacher_logits"))
 
 
+@pytest.mark.slow
 def test_table_numbers_equal_the_runs_results(comparison):
   workdir, _, _ = comparison
   rows = {(r["method"], r["which"], r["metric"]): r for r in read_csv(workdir)}
@@ -150,11 +149,12 @@ def test_table_numbers_equal_the_runs_results(comparison):
                if line.startswith(f"| {report_lib.display_name(method)} ")]
     assert len(rows_md) == 2  # last-epoch table, then best-epoch table
     assert cell_last in rows_md[0] and cell_best in rows_md[1]
-  # The units of METHOD.md are the stored ones: errors in %, AURC x1000.
+  # The units of docs/method.md are the stored ones: errors in %, AURC x1000.
   assert rows[("ai_kd", "last", "aurc")]["unit"] == "x1000"
   assert rows[("ps_kd", "best", "ece")]["unit"] == "%"
 
 
+@pytest.mark.slow
 def test_pictures_are_images_of_the_expected_size(comparison):
   workdir, _, _ = comparison
   report_dir = os.path.join(workdir, "report")
@@ -170,6 +170,7 @@ def test_pictures_are_images_of_the_expected_size(comparison):
   assert report_lib.figure_pixels("loss_terms") == (1200, 700)
 
 
+@pytest.mark.slow
 def test_rerun_trains_nothing(comparison):
   workdir, _, first_elapsed = comparison
   results_files = [os.path.join(root, name)
@@ -191,6 +192,7 @@ def test_rerun_trains_nothing(comparison):
   assert elapsed < first_elapsed / 2, (elapsed, first_elapsed)
 
 
+@pytest.mark.slow
 def test_report_rebuilds_the_same_table_from_disk(comparison):
   workdir, _, _ = comparison
   report_dir = os.path.join(workdir, "report")
@@ -208,6 +210,7 @@ def test_report_rebuilds_the_same_table_from_disk(comparison):
       os.listdir(report_dir))
 
 
+@pytest.mark.slow
 def test_unknown_method_fails_before_anything_is_written(tmp_path):
   workdir = tmp_path / "cmp"
   proc, _ = run_module("aikd_jax.compare",
@@ -218,6 +221,7 @@ def test_unknown_method_fails_before_anything_is_written(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_report_needs_a_comparison_workdir(tmp_path):
   proc, _ = run_module("aikd_jax.report", f"--workdir={tmp_path}")
   assert proc.returncode == 2

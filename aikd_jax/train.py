@@ -13,7 +13,6 @@ import dataclasses
 import os
 import signal
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -228,7 +227,7 @@ class _Trainer:
         self.steps_per_epoch, config.warmup_epochs)
     self.seed = int(config.seed) * 16 + _STAGE_SALT[stage]
 
-  def initial_carry(self) -> step_lib.TrainCarry:
+  def initial_carry(self) -> step_lib.TrainState:
     """Fresh states, replicated; a bank of one-hot rows, sharded."""
     config = self.config
     tx = optim.student_optimizer(self.learning_rate, momentum=config.momentum,
@@ -240,7 +239,7 @@ class _Trainer:
     student_key, disc_key = jax.random.split(jax.random.key(self.seed))
 
     def init():
-      return (step_lib.create_student_state(self.eval_model,
+      return (step_lib.create_classifier_state(self.eval_model,
                                             self.data.image_shape, tx,
                                             student_key),
               step_lib.create_discriminator_state(
@@ -251,7 +250,7 @@ class _Trainer:
     bank = banks.initial_prediction_bank(
         self.data.train_labels_by_id, self.data.num_classes,
         self.config.bank_dtype, self.mesh)
-    return step_lib.TrainCarry(student, disc, bank)
+    return step_lib.TrainState(student, disc, bank)
 
   def step_config(self) -> step_lib.StepConfig:
     return step_lib.StepConfig(
@@ -290,7 +289,7 @@ class _Trainer:
         self.config.keep_checkpoints)
 
   def restore_final(self, directory: str | None = None
-                    ) -> step_lib.TrainCarry:
+                    ) -> step_lib.TrainState:
     """The latest checkpoint's carry: this stage's, or one in `directory`
     (a `teacher_checkpoint` from another run)."""
     ckpts = (checkpointing.StageCheckpoints(directory, keep=1) if directory
@@ -305,8 +304,8 @@ class _Trainer:
       ckpts.close()
     return carry
 
-  def run(self, teacher_bank: jax.Array, teacher_variables: Any,
-          teacher_model=None) -> step_lib.TrainCarry:
+  def run(self, teacher: step_lib.Teacher | None = None,
+          teacher_model=None) -> step_lib.TrainState:
     """Trains the stage to its last epoch (resuming), writes its results."""
     config, spe = self.config, self.steps_per_epoch
     os.makedirs(self.stage_dir, exist_ok=True)
@@ -348,8 +347,8 @@ class _Trainer:
           epoch_order, partner_rows = self._epoch_rows(epoch)
           step_data = step_lib.StepData(
               images=self.data.train_images, labels=self.data.train_labels,
-              teacher_bank=teacher_bank, epoch_order=epoch_order,
-              teacher_variables=teacher_variables, partner_rows=partner_rows)
+              epoch_order=epoch_order, teacher=teacher,
+              partner_rows=partner_rows)
           order_epoch = epoch
         carry, step_metrics = step_fn(carry, step_data)
         if totals is None:
@@ -458,7 +457,7 @@ class _Trainer:
         for name, total in sums.items()} | peaks)
     return _reset_peaks(totals), (dict(sums), steps_in_epoch)
 
-  def _end_epoch(self, epoch: int, carry: step_lib.TrainCarry, predict,
+  def _end_epoch(self, epoch: int, carry: step_lib.TrainState, predict,
                  progress: dict, writer) -> None:
     """Evaluates on the test split and closes the epoch's history entry."""
     test, reliability = self.evaluate(predict, carry.student.variables,
@@ -492,7 +491,7 @@ class _Trainer:
 
 
 def _teacher_logits_stage(trainer: _Trainer,
-                          teacher: step_lib.StudentState,
+                          teacher: step_lib.ClassifierState,
                           workdir: str) -> jax.Array:
   """Stage 2: eval-mode teacher logits of every un-augmented train image.
 
@@ -548,7 +547,7 @@ def _write_stage2_results(path: str, report: dict,
 
 
 def _teacher_stage(config, data, mesh, workdir, signals
-                   ) -> tuple[step_lib.StudentState, _Trainer]:
+                   ) -> tuple[step_lib.ClassifierState, _Trainer]:
   """Stage 1: the teacher's final state (trained, resumed or loaded)."""
   trainer = _Trainer(stage="teacher", objective=resolve_objective("ce"),
                      num_epochs=run_config.teacher_epochs(config),
@@ -562,14 +561,8 @@ def _teacher_stage(config, data, mesh, workdir, signals
   if results_lib.finished_results(trainer.stage_dir, trainer.num_epochs):
     logging.info("teacher: finished earlier; loading its final state.")
     return trainer.restore_final().student, trainer
-  dummy = _empty_teacher_bank(mesh)
-  carry = trainer.run(dummy, {})
+  carry = trainer.run()
   return carry.student, trainer
-
-
-def _empty_teacher_bank(mesh) -> jax.Array:
-  """A placeholder bank for steps that read no teacher logits."""
-  return banks.put_sharded(np.zeros((mesh.devices.size, 1), np.float32), mesh)
 
 
 
@@ -613,18 +606,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if teacher_only:
       _teacher_stage(config, data, mesh, workdir, signals)
       return results_lib.finished_results(os.path.join(workdir, "teacher"))
-    teacher_bank, teacher_variables, teacher_model = (
-        _empty_teacher_bank(mesh), {}, None)
+    teacher, teacher_model = None, None
     if objective.uses_teacher:
-      teacher, teacher_trainer = _teacher_stage(config, data, mesh, workdir,
-                                                signals)
+      teacher_state, teacher_trainer = _teacher_stage(config, data, mesh,
+                                                      workdir, signals)
       if objective.teacher_mode == "online":
         teacher_model = teacher_trainer.eval_model
-        teacher_variables = teacher.variables
+        teacher = step_lib.Teacher(variables=teacher_state.variables)
         logging.info("teacher_logits: skipped (online teacher).")
       else:
-        teacher_bank = _teacher_logits_stage(teacher_trainer, teacher,
-                                             workdir)
+        teacher = step_lib.Teacher(logits=_teacher_logits_stage(
+            teacher_trainer, teacher_state, workdir))
     else:
       logging.info("teacher and teacher_logits: skipped (method %s uses no "
                    "pre-trained model).", config.method)
@@ -635,6 +627,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if results_lib.finished_results(student.stage_dir, student.num_epochs):
       logging.info("student: finished earlier; nothing to do.")
     else:
-      student.run(teacher_bank, teacher_variables, teacher_model)
+      student.run(teacher, teacher_model)
   return results_lib.read_json(
       os.path.join(student.stage_dir, results_lib.RESULTS_FILE))

@@ -198,7 +198,7 @@ class StepBench:
 
   method: str
   step_fn: Callable
-  carry: step_lib.TrainCarry
+  carry: step_lib.TrainState
   data: step_lib.StepData
   batch_size: int
   steps_per_epoch: int
@@ -257,7 +257,7 @@ def build_step(method: str, *, mesh: jax.sharding.Mesh, batch_size: int,
   replicated = banks.replicated(mesh)
 
   def init():
-    return (step_lib.create_student_state(eval_model, image_shape, tx,
+    return (step_lib.create_classifier_state(eval_model, image_shape, tx,
                                           student_key),
             step_lib.create_discriminator_state(discriminator, num_classes,
                                                 disc_tx, disc_key))
@@ -265,27 +265,21 @@ def build_step(method: str, *, mesh: jax.sharding.Mesh, batch_size: int,
   student, disc = jax.jit(init, out_shardings=replicated)()
   bank = banks.initial_prediction_bank(labels_by_id, num_classes, bank_dtype,
                                        mesh)
-  carry = step_lib.TrainCarry(student, disc, bank)
+  carry = step_lib.TrainState(student, disc, bank)
 
-  teacher_model, teacher_variables = None, {}
+  teacher_model, teacher = None, None
   if objective.uses_teacher and objective.teacher_mode == "online":
     teacher_model = eval_model
-    teacher_variables = jax.jit(
+    teacher = step_lib.Teacher(variables=jax.jit(
         lambda: eval_model.init(teacher_key,
                                 jnp.zeros((1,) + tuple(image_shape)),
                                 train=False),
-        out_shardings=replicated)()
-    teacher_bank = banks.put_sharded(
-        np.zeros((num_devices, 1), np.float32), mesh)
+        out_shardings=replicated)())
   elif objective.uses_teacher:
     rng = np.random.default_rng(seed + 1)
-    teacher_bank = banks.put_sharded(
+    teacher = step_lib.Teacher(logits=banks.put_sharded(
         (3.0 * rng.standard_normal((layout.num_rows, num_classes))).astype(
-            jnp.dtype(bank_dtype)), mesh)
-  else:
-    # What train.py passes when no teacher is used: a placeholder.
-    teacher_bank = banks.put_sharded(
-        np.zeros((num_devices, 1), np.float32), mesh)
+            jnp.dtype(bank_dtype)), mesh))
 
   config = step_lib.StepConfig(
       objective=objective, num_classes=num_classes, num_epochs=num_epochs,
@@ -299,9 +293,8 @@ def build_step(method: str, *, mesh: jax.sharding.Mesh, batch_size: int,
   data = step_lib.StepData(
       images=banks.put_sharded(images_by_id, mesh),
       labels=banks.put_sharded(labels_by_id, mesh),
-      teacher_bank=teacher_bank,
       epoch_order=banks.put_sharded(banks.epoch_order(layout, seed, 0), mesh),
-      teacher_variables=teacher_variables)
+      teacher=teacher)
   return StepBench(method=method, step_fn=step_fn, carry=carry, data=data,
                    batch_size=batch_size, steps_per_epoch=steps_per_epoch)
 

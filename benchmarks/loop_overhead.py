@@ -295,21 +295,20 @@ def main(argv=None) -> int:
           stage="student", objective=objective, num_epochs=args.epochs,
           config=config, data=data, mesh=mesh, workdir=workdir,
           signals=signals)
-      teacher_model, teacher_variables = None, {}
-      teacher_bank = train._empty_teacher_bank(mesh)  # pylint: disable=protected-access
+      teacher_model, teacher = None, None
       if objective.uses_teacher and objective.teacher_mode == "online":
         teacher_model = trainer.eval_model
-        teacher_variables = jax.jit(
+        teacher = step_lib.Teacher(variables=jax.jit(
             lambda: trainer.eval_model.init(
                 jax.random.key(7), np.zeros((1,) + data.image_shape,
                                             np.float32), train=False),
-            out_shardings=banks.replicated(mesh))()
+            out_shardings=banks.replicated(mesh))())
       elif objective.uses_teacher:
         rng = np.random.default_rng(7)
-        teacher_bank = banks.put_sharded(
+        teacher = step_lib.Teacher(logits=banks.put_sharded(
             (3.0 * rng.standard_normal(
                 (data.layout.num_rows, data.num_classes))).astype(
-                    config.bank_dtype), mesh)
+                    config.bank_dtype), mesh))
 
       # Timestamps from wrappers around the trainer instance's methods.
       events = {"end_epoch": [], "flush": [], "save": []}
@@ -344,10 +343,9 @@ def main(argv=None) -> int:
       state = {"carry": trainer.initial_carry()}
       step_data = step_lib.StepData(
           images=data.train_images, labels=data.train_labels,
-          teacher_bank=teacher_bank,
           epoch_order=banks.put_sharded(
               banks.epoch_order(data.layout, trainer.seed, 0), mesh),
-          teacher_variables=teacher_variables)
+          teacher=teacher)
       spe = trainer.steps_per_epoch
 
       def run_steps(k):
@@ -363,7 +361,7 @@ def main(argv=None) -> int:
 
       compiles_before = counter.count
       loop_start = time.perf_counter()
-      carry = trainer.run(teacher_bank, teacher_variables, teacher_model)
+      carry = trainer.run(teacher, teacher_model)
       loop_end = time.perf_counter()
       loop_compiles = counter.count - compiles_before
 

@@ -23,6 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+# A stage's checkpoints live in this folder of the stage's own folder.
+CHECKPOINT_DIR = "checkpoints"
 # Orbax writes this file last when it finalises a step directory.
 _FINALIZED_MARKER = "_CHECKPOINT_METADATA"
 

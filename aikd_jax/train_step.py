@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax.training import train_state
+from flax.training import train_state as flax_train_state
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -27,8 +27,9 @@ from aikd_jax.banks import DATA_AXIS
 from aikd_jax.objective import Objective
 
 
-class StudentState(train_state.TrainState):
-  """A classifier's TrainState: parameters, optimiser state, BN statistics."""
+class ClassifierState(flax_train_state.TrainState):
+  """A classifier's (student's or teacher's) parameters, optimiser state and
+  BatchNorm statistics."""
 
   batch_stats: Any = None
 
@@ -38,30 +39,44 @@ class StudentState(train_state.TrainState):
 
 
 @flax.struct.dataclass
-class TrainCarry:
-  """Everything the step updates (and donates): both states and the bank."""
+class TrainState:
+  """Everything the step updates (and donates): the student, the
+  discriminator and the prediction bank (rows by example id, sharded)."""
 
-  student: StudentState
-  discriminator: train_state.TrainState
+  student: ClassifierState
+  discriminator: flax_train_state.TrainState
   prediction_bank: jax.Array
+
+
+@flax.struct.dataclass
+class Teacher:
+  """The pre-trained model, as the objective's teacher mode reads it.
+
+  logits: its logits on every training example (precomputed teacher), rows
+    by example id, sharded over `data` like the prediction bank.
+  variables: its frozen variables (online teacher), replicated; the module
+    that runs them is `make_train_step`'s `teacher_model`.
+  """
+
+  logits: jax.Array | None = None
+  variables: Any = None
 
 
 @flax.struct.dataclass
 class StepData:
   """What the step reads but never writes.
 
-  images/labels/teacher_bank: rows by example id, sharded over `data`.
+  images/labels: rows by example id, sharded over `data`.
   epoch_order: each device's local rows in this epoch's order (banks.py).
-  teacher_variables: the frozen teacher, used only with an online teacher.
+  teacher: the pre-trained model; None unless the objective uses one.
   partner_rows: CS-KD's same-class local partner of each row (this epoch);
     None unless the objective uses partners.
   """
 
   images: jax.Array
   labels: jax.Array
-  teacher_bank: jax.Array
   epoch_order: jax.Array
-  teacher_variables: Any
+  teacher: Teacher | None = None
   partner_rows: jax.Array | None = None
 
 
@@ -83,23 +98,23 @@ class StepConfig:
   sync_batch_norm: bool = True
 
 
-def create_student_state(model: nn.Module, image_shape: tuple[int, ...],
-                         tx: optax.GradientTransformation,
-                         key: jax.Array) -> StudentState:
+def create_classifier_state(model: nn.Module, image_shape: tuple[int, ...],
+                            tx: optax.GradientTransformation,
+                            key: jax.Array) -> ClassifierState:
   """Initialises a classifier and its optimiser state (float32 params)."""
   variables = model.init(key, jnp.zeros((1,) + tuple(image_shape)),
                          train=False)
-  return StudentState.create(apply_fn=model.apply,
-                             params=variables["params"], tx=tx,
-                             batch_stats=variables.get("batch_stats", {}))
+  return ClassifierState.create(apply_fn=model.apply,
+                                params=variables["params"], tx=tx,
+                                batch_stats=variables.get("batch_stats", {}))
 
 
 def create_discriminator_state(discriminator: nn.Module, num_classes: int,
                                tx: optax.GradientTransformation,
-                               key: jax.Array) -> train_state.TrainState:
+                               key: jax.Array) -> flax_train_state.TrainState:
   params = discriminator.init(key, jnp.zeros((1, num_classes)))["params"]
-  return train_state.TrainState.create(apply_fn=discriminator.apply,
-                                       params=params, tx=tx)
+  return flax_train_state.TrainState.create(apply_fn=discriminator.apply,
+                                            params=params, tx=tx)
 
 
 def augmentation_key(seed: int, step: jax.Array) -> jax.Array:
@@ -112,14 +127,14 @@ def augmentation_key(seed: int, step: jax.Array) -> jax.Array:
 _PARTNER_STREAM = 1
 
 
-def _local_train_step(carry: TrainCarry, data: StepData, *,
+def _local_train_step(state: TrainState, data: StepData, *,
                       config: StepConfig, model: nn.Module,
                       discriminator: nn.Module,
                       teacher_model: nn.Module | None,
                       learning_rate: optax.Schedule):
   """One step on one device's shard; collectives average across devices."""
-  obj = config.objective
-  student, disc = carry.student, carry.discriminator
+  objective = config.objective
+  student, discriminator_state = state.student, state.discriminator
   step = student.step
   epoch = step // config.steps_per_epoch
   batch = config.per_device_batch
@@ -133,28 +148,28 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
       mean=config.mean, std=config.std)
   images = augment(rows, ids, key)
   labels = data.labels[rows]
-  if obj.uses_partners:
+  if objective.uses_partners:
     partners = data.partner_rows[rows]
     partner_images = augment(
         partners, partners + (ids - rows),
         jax.random.fold_in(key, _PARTNER_STREAM))
 
-  if obj.uses_teacher:
-    if obj.teacher_mode == "online":
+  if objective.uses_teacher:
+    if objective.teacher_mode == "online":
       teacher_logits = teacher_model.apply(
-          data.teacher_variables, images, train=False)
+          data.teacher.variables, images, train=False)
     else:
-      teacher_logits = data.teacher_bank[rows]
+      teacher_logits = data.teacher.logits[rows]
     teacher_logits = lax.stop_gradient(teacher_logits.astype(jnp.float32))
 
-  alpha = losses.alpha_at(epoch, obj.alpha_T, config.num_epochs)
-  teacher_weight = obj.teacher_weight(step, config.steps_per_epoch)
-  previous = carry.prediction_bank[rows].astype(jnp.float32)
+  alpha = losses.alpha_at(epoch, objective.alpha_T, config.num_epochs)
+  teacher_weight = objective.teacher_weight(step, config.steps_per_epoch)
+  previous = state.prediction_bank[rows].astype(jnp.float32)
   targets = losses.progressive_targets(labels, previous, alpha,
                                        config.num_classes,
-                                       obj.label_smoothing)
+                                       objective.label_smoothing)
 
-  def objective_fn(params, disc_params):
+  def objective_fn(params, discriminator_params):
     logits, model_updates = model.apply(
         {"params": params, "batch_stats": student.batch_stats}, images,
         train=True, mutable=["batch_stats"])
@@ -163,11 +178,11 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
     student_loss = terms["prog"]
     probs = jax.nn.softmax(logits)
     aux = {}
-    if obj.lambda_det > 0:
+    if objective.lambda_det > 0:
       terms["det"] = losses.distillation_kl(logits, teacher_logits,
-                                            obj.temperature).mean()
-      student_loss += teacher_weight * obj.lambda_det * terms["det"]
-    if obj.uses_partners:
+                                            objective.temperature).mean()
+      student_loss += teacher_weight * objective.lambda_det * terms["det"]
+    if objective.uses_partners:
       # CS-KD: a second train-mode pass on the same-class partners, without
       # gradient (its BatchNorm statistics update follows the anchors').
       partner_logits, model_updates = model.apply(
@@ -176,37 +191,38 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
           train=True, mutable=["batch_stats"])
       partner_logits = lax.stop_gradient(partner_logits.astype(jnp.float32))
       terms["cls"] = losses.distillation_kl(logits, partner_logits,
-                                            obj.temperature).mean()
-      student_loss += obj.lambda_cls * terms["cls"]
-    disc_loss = 0.0
-    if obj.uses_discriminator:
+                                            objective.temperature).mean()
+      student_loss += objective.lambda_cls * terms["cls"]
+    discriminator_loss = 0.0
+    if objective.uses_discriminator:
       # The student's term sees phi as a constant; the discriminator's term
       # sees the student's probabilities as constants: one backward pass of
       # the sum gives each model exactly its own gradient.
-      fooled = discriminator.apply({"params": lax.stop_gradient(disc_params)},
-                                   probs)
+      fooled = discriminator.apply(
+          {"params": lax.stop_gradient(discriminator_params)}, probs)
       terms["adv"] = losses.generator_loss(fooled).mean()
-      student_loss += teacher_weight * obj.lambda_adv * terms["adv"]
-      real = discriminator.apply({"params": disc_params},
+      student_loss += teacher_weight * objective.lambda_adv * terms["adv"]
+      real = discriminator.apply({"params": discriminator_params},
                                  jax.nn.softmax(teacher_logits))
-      fake = discriminator.apply({"params": disc_params},
+      fake = discriminator.apply({"params": discriminator_params},
                                  lax.stop_gradient(probs))
       terms["disc"] = losses.discriminator_loss(real, fake).mean()
-      disc_loss = terms["disc"]
+      discriminator_loss = terms["disc"]
       aux["disc_real_acc"] = jnp.mean(real > 0)
       aux["disc_fake_acc"] = jnp.mean(fake < 0)
     terms["student"] = student_loss
     aux["train_acc"] = jnp.mean(jnp.argmax(logits, -1) == labels)
     aux["max_abs_logit"] = jnp.max(jnp.abs(logits))
-    return student_loss + disc_loss, (terms, aux, probs, model_updates)
+    return (student_loss + discriminator_loss,
+            (terms, aux, probs, model_updates))
 
   grad_fn = jax.grad(objective_fn, argnums=(0, 1), has_aux=True)
   # Parameters enter as device-invariant values, whose gradient shard_map
   # would already sum over devices; marking them varying keeps each device's
   # gradient local, so the pmean below is the global-batch mean.
-  (grads, disc_grads), (terms, aux, probs, model_updates) = grad_fn(
+  (grads, discriminator_grads), (terms, aux, probs, model_updates) = grad_fn(
       lax.pcast(student.params, DATA_AXIS, to="varying"),
-      lax.pcast(disc.params, DATA_AXIS, to="varying"))
+      lax.pcast(discriminator_state.params, DATA_AXIS, to="varying"))
 
   grads = lax.pmean(grads, DATA_AXIS)
   batch_stats = model_updates["batch_stats"]
@@ -215,12 +231,13 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
     # after the update so that the replicated state stays identical.
     batch_stats = lax.pmean(batch_stats, DATA_AXIS)
   new_student = student.apply_gradients(grads=grads, batch_stats=batch_stats)
-  new_disc = disc
-  if obj.uses_discriminator:
-    new_disc = disc.apply_gradients(grads=lax.pmean(disc_grads, DATA_AXIS))
+  new_discriminator = discriminator_state
+  if objective.uses_discriminator:
+    new_discriminator = discriminator_state.apply_gradients(
+        grads=lax.pmean(discriminator_grads, DATA_AXIS))
 
-  bank = carry.prediction_bank
-  if obj.uses_progressive:
+  bank = state.prediction_bank
+  if objective.uses_progressive:
     # Train-mode softmax of the augmented view, before the update (PS-KD).
     # Adding 0 * (the rows read above) orders the write after the read, so
     # XLA updates the donated bank in place instead of copying all of it
@@ -235,12 +252,12 @@ def _local_train_step(carry: TrainCarry, data: StepData, *,
   # global norm of the loss gradient (before weight decay or clipping).
   metrics["train/max_abs_logit"] = lax.pmax(aux["max_abs_logit"], DATA_AXIS)
   metrics["train/grad_norm"] = optax.global_norm(grads)
-  if obj.uses_teacher and obj.teacher_ramp_epochs > 0:
+  if objective.uses_teacher and objective.teacher_ramp_epochs > 0:
     metrics["train/teacher_weight"] = jnp.asarray(teacher_weight, jnp.float32)
   metrics["train/learning_rate"] = jnp.asarray(learning_rate(step),
                                                jnp.float32)
   metrics["train/alpha"] = jnp.asarray(alpha, jnp.float32)
-  return TrainCarry(new_student, new_disc, bank), metrics
+  return TrainState(new_student, new_discriminator, bank), metrics
 
 
 def make_train_step(mesh: jax.sharding.Mesh, config: StepConfig, *,
@@ -248,7 +265,7 @@ def make_train_step(mesh: jax.sharding.Mesh, config: StepConfig, *,
                     learning_rate: optax.Schedule,
                     teacher_model: nn.Module | None = None,
                     wrap_local_step: Callable | None = None):
-  """Returns jitted `step(carry, data) -> (carry, metrics)`; carry donated.
+  """Returns jitted `step(state, data) -> (state, metrics)`; state donated.
 
   Args:
     mesh: 1-D mesh with axis 'data'.
@@ -258,27 +275,44 @@ def make_train_step(mesh: jax.sharding.Mesh, config: StepConfig, *,
     learning_rate: the student's schedule, for logging.
     wrap_local_step: optional decorator for the per-device function (tests
       pass `chex.assert_max_traces(n=1)` to prove it never retraces).
+
+  `data.teacher` must be given when the objective uses a teacher; it is
+  ignored (and never moved) when the objective uses none.
   """
-  local = lambda carry, data: _local_train_step(
-      carry, data, config=config, model=model, discriminator=discriminator,
+  objective = config.objective
+  local = lambda state, data: _local_train_step(
+      state, data, config=config, model=model, discriminator=discriminator,
       teacher_model=teacher_model, learning_rate=learning_rate)
   if wrap_local_step is not None:
     local = wrap_local_step(local)
   sharded = P(DATA_AXIS)
-  carry_spec = TrainCarry(student=P(), discriminator=P(),
+  state_spec = TrainState(student=P(), discriminator=P(),
                           prediction_bank=sharded)
-  data_spec = StepData(images=sharded, labels=sharded, teacher_bank=sharded,
-                       epoch_order=sharded, teacher_variables=P(),
-                       partner_rows=sharded)
-  mapped = jax.shard_map(local, mesh=mesh, in_specs=(carry_spec, data_spec),
-                         out_specs=(carry_spec, P()))
-  # Explicit output shardings keep the carry's shardings equal to its input
+  data_spec = StepData(
+      images=sharded, labels=sharded, epoch_order=sharded,
+      teacher=(Teacher(logits=sharded, variables=P())
+               if objective.uses_teacher else None),
+      partner_rows=sharded)
+  mapped = jax.shard_map(local, mesh=mesh, in_specs=(state_spec, data_spec),
+                         out_specs=(state_spec, P()))
+
+  def step(state: TrainState, data: StepData):
+    if not objective.uses_teacher:
+      data = data.replace(teacher=None)
+    elif data.teacher is None:
+      raise ValueError(
+          "This objective reads a teacher: pass StepData(teacher=Teacher("
+          "logits=...)) for a precomputed teacher, or Teacher(variables=...)"
+          " and make_train_step(teacher_model=...) for an online one.")
+    return mapped(state, data)
+
+  # Explicit output shardings keep the state's shardings equal to its input
   # ones (on a 1-device mesh JAX would otherwise call the bank replicated),
   # so feeding the output back in never adds a second cache entry.
   shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
-                           (carry_spec, P()),
+                           (state_spec, P()),
                            is_leaf=lambda x: isinstance(x, P))
-  return jax.jit(mapped, donate_argnums=(0,), out_shardings=shardings)
+  return jax.jit(step, donate_argnums=(0,), out_shardings=shardings)
 
 
 def make_predict_fn(mesh: jax.sharding.Mesh, model: nn.Module, *,

@@ -1,8 +1,9 @@
 """Helpers shared by the benchmarks: environment header, timing, synthetic data.
 
-Every benchmark drives the library's own step (`train_step.make_train_step`)
-on data built with the library's own layout functions (`banks.*`); nothing
-here reimplements the step.
+Every benchmark drives the library's own stage, built as a run builds it
+(`stage.build_stage`, `stage.create_train_state`, `stage.make_train_step`)
+from configs/default.py (PS-KD's CIFAR-100 recipe) on a synthetic dataset
+placed with `device_data.place_dataset`; nothing here reimplements the step.
 """
 
 from __future__ import annotations
@@ -25,18 +26,17 @@ for _path in (REPO_ROOT, _HERE):
     sys.path.insert(0, _path)
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from aikd_jax import banks  # pylint: disable=g-import-not-at-top
-from aikd_jax import models  # pylint: disable=g-import-not-at-top
-from aikd_jax import optim  # pylint: disable=g-import-not-at-top
+from aikd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+from aikd_jax import device_data  # pylint: disable=g-import-not-at-top
+from aikd_jax import run_config  # pylint: disable=g-import-not-at-top
+from aikd_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
 from aikd_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
-from aikd_jax.objective import resolve_objective  # pylint: disable=g-import-not-at-top
+from configs import default  # pylint: disable=g-import-not-at-top
 
-# PS-KD's CIFAR-100 constants (docs/method.md).
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 CIFAR_SHAPE = (32, 32, 3)
 CIFAR_CLASSES = 100
 CIFAR_TRAIN = 50_000
@@ -78,7 +78,6 @@ def environment() -> dict[str, Any]:
     env["torch"] = importlib.metadata.version("torch")
   except importlib.metadata.PackageNotFoundError:
     env["torch"] = "absent"
-  return env
   return env
 
 
@@ -187,18 +186,76 @@ def synthetic_arrays(num_examples: int, num_classes: int = CIFAR_CLASSES,
   return images, labels
 
 
+def synthetic_dataset(num_train: int, num_test: int,
+                      num_classes: int = CIFAR_CLASSES,
+                      image_shape: Sequence[int] = CIFAR_SHAPE
+                      ) -> data_lib.Dataset:
+  """A CIFAR-shaped `data.Dataset` of random images and labels."""
+  train_images, train_labels = synthetic_arrays(num_train, num_classes,
+                                                image_shape, seed=0)
+  test_images, test_labels = synthetic_arrays(num_test, num_classes,
+                                              image_shape, seed=1)
+  return data_lib.Dataset(name="synthetic", train_images=train_images,
+                          train_labels=train_labels, test_images=test_images,
+                          test_labels=test_labels, num_classes=num_classes)
+
+
+def benchmark_config(method: str, *, model_name: str = "preact_resnet18",
+                     compute_dtype: str = "float32",
+                     bank_dtype: str = "float32", batch_size: int = 128,
+                     num_epochs: int = 300, seed: int = 0,
+                     channels: int = 3) -> ml_collections.ConfigDict:
+  """configs/default.py (PS-KD's CIFAR-100 recipe) with these fields set."""
+  config = default.get_config()
+  config.method = method
+  config.model = model_name
+  config.compute_dtype = compute_dtype
+  config.bank_dtype = bank_dtype
+  config.batch_size = batch_size
+  config.num_epochs = num_epochs
+  config.seed = seed
+  config.mean = tuple(config.mean)[:channels]
+  config.std = tuple(config.std)[:channels]
+  return config
+
+
+def random_teacher(stage: stage_lib.Stage, data: device_data.DeviceDataset,
+                   mesh: jax.sharding.Mesh, seed: int = 7
+                   ) -> step_lib.Teacher | None:
+  """A stand-in for a trained teacher, of the kind the stage's objective reads.
+
+  Precomputed: a teacher-logit bank of random logits (scale 3), sharded by
+  example id as stage 2 leaves it; online: a freshly initialised model of the
+  student's architecture; None when the objective uses no teacher.
+  """
+  objective = stage.objective
+  if not objective.uses_teacher:
+    return None
+  if objective.teacher_mode == "online":
+    variables = jax.jit(
+        lambda: stage.teacher_model.init(
+            jax.random.key(seed), np.zeros((1,) + data.image_shape,
+                                           np.float32), train=False),
+        out_shardings=banks.replicated(mesh))()
+    return step_lib.Teacher(variables=variables)
+  rng = np.random.default_rng(seed)
+  logits = 3.0 * rng.standard_normal((data.layout.num_rows, data.num_classes))
+  return step_lib.Teacher(logits=banks.put_sharded(
+      logits.astype(stage.bank_dtype), mesh))
+
+
 @dataclasses.dataclass
 class StepBench:
-  """A library train step with its carry and data, ready to be timed.
+  """A library train step with its state and data, ready to be timed.
 
-  `run(k)` issues k consecutive steps (the carry is donated, so each step
+  `run(k)` issues k consecutive steps (the state is donated, so each step
   consumes the previous one's output) and returns the last outputs without
   blocking; `timed` blocks on them.
   """
 
   method: str
   step_fn: Callable
-  carry: step_lib.TrainCarry
+  state: step_lib.TrainState
   data: step_lib.StepData
   batch_size: int
   steps_per_epoch: int
@@ -206,8 +263,8 @@ class StepBench:
 
   def run(self, num_steps: int):
     for _ in range(num_steps):
-      self.carry, self.metrics = self.step_fn(self.carry, self.data)
-    return self.carry, self.metrics
+      self.state, self.metrics = self.step_fn(self.state, self.data)
+    return self.state, self.metrics
 
 
 def build_step(method: str, *, mesh: jax.sharding.Mesh, batch_size: int,
@@ -217,93 +274,30 @@ def build_step(method: str, *, mesh: jax.sharding.Mesh, batch_size: int,
                num_classes: int = CIFAR_CLASSES,
                image_shape: Sequence[int] = CIFAR_SHAPE,
                num_epochs: int = 300, seed: int = 0) -> StepBench:
-  """Builds `method`'s train step, carry and data with the library's functions.
+  """Builds `method`'s student stage as a run does, on synthetic data.
 
-  The data is a synthetic, CIFAR-shaped training set laid out by example id
-  and sharded over the mesh's `data` axis exactly as train.place_dataset does;
-  the teacher-logit bank (precomputed teacher) holds random logits; an online
-  teacher is a freshly initialised model of the same architecture.
+  The config is configs/default.py with the given fields; the data is a
+  random CIFAR-shaped training set placed by example id exactly as a run
+  places its dataset; the teacher is `random_teacher`'s. The state and the
+  step data are those of the stage's first step.
   """
-  objective = resolve_objective(method)
+  config = benchmark_config(
+      method, model_name=model_name, compute_dtype=compute_dtype,
+      bank_dtype=bank_dtype, batch_size=batch_size, num_epochs=num_epochs,
+      seed=seed, channels=image_shape[-1])
+  objective = run_config.validate(config)
   num_devices = mesh.devices.size
-  if batch_size % num_devices:
-    raise ValueError(f"batch_size={batch_size} is not divisible by the "
-                     f"{num_devices} devices.")
-  per_device = batch_size // num_devices
-  layout = banks.RowLayout(num_examples, num_devices)
-  steps_per_epoch = layout.steps_per_epoch(per_device)
-  if steps_per_epoch == 0:
-    raise ValueError(f"num_examples={num_examples} gives no full batch of "
-                     f"{batch_size}; raise --num_examples.")
-  images, labels = synthetic_arrays(num_examples, num_classes, image_shape,
-                                    seed)
-  ids = banks.example_ids(num_examples, seed)
-  images_by_id = banks.arrange_by_id(images, ids, layout.num_rows)
-  labels_by_id = banks.arrange_by_id(labels, ids, layout.num_rows, fill=-1)
-  del images
-
-  dtype = models.compute_dtype(compute_dtype)
-  model = models.create_model(model_name, num_classes, dtype,
-                              bn_axis_name=banks.DATA_AXIS)
-  eval_model = models.create_model(model_name, num_classes, dtype)
-  discriminator = models.Discriminator()
-  learning_rate = optim.student_learning_rate(0.1, (150, 225), 0.1,
-                                              steps_per_epoch)
-  tx = optim.student_optimizer(learning_rate, momentum=0.9, nesterov=True,
-                               weight_decay=5e-4)
-  disc_tx = optim.discriminator_optimizer(2e-4, 0.5, 0.999)
-  student_key, disc_key, teacher_key = jax.random.split(
-      jax.random.key(seed), 3)
-  replicated = banks.replicated(mesh)
-
-  def init():
-    return (step_lib.create_student_state(eval_model, image_shape, tx,
-                                          student_key),
-            step_lib.create_discriminator_state(discriminator, num_classes,
-                                                disc_tx, disc_key))
-
-  student, disc = jax.jit(init, out_shardings=replicated)()
-  bank = banks.initial_prediction_bank(labels_by_id, num_classes, bank_dtype,
-                                       mesh)
-  carry = step_lib.TrainCarry(student, disc, bank)
-
-  teacher_model, teacher_variables = None, {}
-  if objective.uses_teacher and objective.teacher_mode == "online":
-    teacher_model = eval_model
-    teacher_variables = jax.jit(
-        lambda: eval_model.init(teacher_key,
-                                jnp.zeros((1,) + tuple(image_shape)),
-                                train=False),
-        out_shardings=replicated)()
-    teacher_bank = banks.put_sharded(
-        np.zeros((num_devices, 1), np.float32), mesh)
-  elif objective.uses_teacher:
-    rng = np.random.default_rng(seed + 1)
-    teacher_bank = banks.put_sharded(
-        (3.0 * rng.standard_normal((layout.num_rows, num_classes))).astype(
-            jnp.dtype(bank_dtype)), mesh)
-  else:
-    # What train.py passes when no teacher is used: a placeholder.
-    teacher_bank = banks.put_sharded(
-        np.zeros((num_devices, 1), np.float32), mesh)
-
-  config = step_lib.StepConfig(
-      objective=objective, num_classes=num_classes, num_epochs=num_epochs,
-      steps_per_epoch=steps_per_epoch, per_device_batch=per_device,
-      rows_per_device=layout.rows_per_device, seed=seed, crop_padding=4,
-      flip=True, mean=CIFAR_MEAN[:image_shape[-1]],
-      std=CIFAR_STD[:image_shape[-1]], sync_batch_norm=True)
-  step_fn = step_lib.make_train_step(
-      mesh, config, model=model, discriminator=discriminator,
-      learning_rate=learning_rate, teacher_model=teacher_model)
-  data = step_lib.StepData(
-      images=banks.put_sharded(images_by_id, mesh),
-      labels=banks.put_sharded(labels_by_id, mesh),
-      teacher_bank=teacher_bank,
-      epoch_order=banks.put_sharded(banks.epoch_order(layout, seed, 0), mesh),
-      teacher_variables=teacher_variables)
-  return StepBench(method=method, step_fn=step_fn, carry=carry, data=data,
-                   batch_size=batch_size, steps_per_epoch=steps_per_epoch)
+  data = device_data.place_dataset(
+      synthetic_dataset(num_examples, num_devices, num_classes, image_shape),
+      mesh, config)
+  stage = stage_lib.build_stage("student", objective, num_epochs, config,
+                                data, num_devices)
+  step_data = stage_lib.step_data(stage, data, mesh, epoch=0,
+                                  teacher=random_teacher(stage, data, mesh))
+  return StepBench(
+      method=method, step_fn=stage_lib.make_train_step(stage, mesh),
+      state=stage_lib.create_train_state(stage, data, mesh), data=step_data,
+      batch_size=batch_size, steps_per_epoch=stage.steps_per_epoch)
 
 
 def first_call(bench: StepBench) -> dict[str, float]:
@@ -327,9 +321,9 @@ def measure_steps(benches: Sequence[StepBench], *, steps_per_run: int,
   Each bench first gets its compiling first call and `warmup` untimed runs;
   then the timed runs are interleaved (bench 1, 2, ..., 1, 2, ...) so that a
   change of machine load over time affects every bench alike. A run's clock
-  stops when its last step has finished (block_until_ready on the carry and
-  metrics); the step is donated and asynchronous, so nothing blocks between
-  the steps of a run.
+  stops when its last step has finished (block_until_ready on the state and
+  metrics); the state is donated and the step asynchronous, so nothing blocks
+  between the steps of a run.
 
   Returns, per bench: first-call seconds, the median and all per-step
   seconds, images/sec, and how many traces and compilations happened after
@@ -379,11 +373,11 @@ def full_bank_copies(bench: StepBench) -> int:
   An in-place bank update needs none; each copy is a read and a write of the
   whole bank (and a second buffer of its size) on every step.
   """
-  bank = bench.carry.prediction_bank
+  bank = bench.state.prediction_bank
   local_shape = bank.sharding.shard_shape(bank.shape)
   dtype = {"float32": "f32", "bfloat16": "bf16"}[bank.dtype.name]
   token = f"{dtype}[{','.join(str(d) for d in local_shape)}]"
-  text = bench.step_fn.lower(bench.carry, bench.data).compile().as_text()
+  text = bench.step_fn.lower(bench.state, bench.data).compile().as_text()
   return sum(1 for line in text.splitlines()
              if " copy(" in line and line.strip().split("=")[1].strip()
              .startswith(token))

@@ -4,10 +4,10 @@
 #   bash benchmarks/gpu_check.sh            # GPU machine: finishes in < 8 min
 #   SMOKE=1 bash benchmarks/gpu_check.sh    # any CPU: tiny CNN, small batches
 #
-# The GPU machine is expected to have JAX (CUDA), Flax, Optax, Orbax, chex and
-# PyTorch but no internet: this script installs nothing. What is missing is
-# reported (pytest files, torch) or stood in for by loop_overhead.py (clu,
-# ml_collections: see its docstring), never fetched.
+# The GPU machine is expected to have JAX (CUDA), Flax, Optax, Orbax, chex,
+# ml_collections and PyTorch but no internet: this script installs nothing.
+# What is missing is reported (pytest files, torch, ml_collections for the
+# JAX benchmarks), never fetched.
 #
 # Environment:
 #   OUT       results go to ${OUT:-benchmarks/results}/ (gpu_check.txt: every

@@ -8,7 +8,7 @@ For each (batch size, method) it builds the step with
 `aikd_jax.train_step.make_train_step` on a synthetic CIFAR-shaped dataset
 (uint8 [N, 32, 32, 3], 100 classes) sharded over a `data` mesh of all local
 devices, then times runs of --steps_per_run consecutive steps. The step
-donates its carry and runs asynchronously, so the clock stops only when the
+donates its state and runs asynchronously, so the clock stops only when the
 last step of a run has finished (block_until_ready); the figure is the median
 over --repeats runs, after one untimed first call (trace + compile) and
 --warmup untimed runs. All methods of a batch size are built first and their

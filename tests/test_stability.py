@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from aikd_jax import progress
 from aikd_jax import train
 from aikd_jax.objective import resolve_objective
 from configs import digits
@@ -78,18 +79,18 @@ def _step_metrics(det, prog, logit):
 
 
 def test_totals_keep_the_first_bad_step_whole_and_interval_peaks():
-  totals = train._no_totals(_step_metrics(0, 0, 0))
+  totals = progress.no_totals(_step_metrics(0, 0, 0))
   for step, metrics in enumerate([_step_metrics(1.0, 2.0, 30.0),
                                   _step_metrics(5.0, 3.0, 900.0),
                                   _step_metrics(np.nan, 4.0, 1e6),
                                   _step_metrics(np.inf, np.nan, np.nan)]):
-    totals = train._accumulate(totals, metrics, step)
+    totals = progress.accumulate(totals, metrics, step)
   assert int(totals["bad_step"]) == 2
   bad = {k: float(v) for k, v in totals["bad_values"].items()}
   assert np.isnan(bad["loss/det"])
   assert bad["loss/prog"] == 4.0 and bad["train/max_abs_logit"] == 1e6
-  totals = train._reset_peaks(totals)
-  totals = train._accumulate(totals, _step_metrics(1.0, 1.0, 7.0), 4)
+  totals = progress.reset_peaks(totals)
+  totals = progress.accumulate(totals, _step_metrics(1.0, 1.0, 7.0), 4)
   assert float(totals["peak"]["train/max_abs_logit"]) == 7.0
   assert int(totals["bad_step"]) == 2  # the first one stays
 

@@ -62,7 +62,7 @@ class Setup:
   layout: banks.RowLayout
   config: ts.StepConfig
   step_fn: object
-  carry: ts.TrainCarry
+  carry: ts.TrainState
   images: jax.Array
   labels: jax.Array
   teacher_bank: jax.Array
@@ -70,7 +70,8 @@ class Setup:
 
   def data(self, order: np.ndarray) -> ts.StepData:
     order = banks.put_sharded(np.asarray(order, np.int32), self.mesh)
-    return ts.StepData(self.images, self.labels, self.teacher_bank, order, {})
+    return ts.StepData(self.images, self.labels, order,
+                       ts.Teacher(logits=self.teacher_bank))
 
 
 def build_setup(mesh, layout, dataset, ids, *, method="ai_kd",
@@ -94,8 +95,8 @@ def build_setup(mesh, layout, dataset, ids, *, method="ai_kd",
   disc_tx = optim.discriminator_optimizer(2e-4, 0.5, 0.999)
   replicated = banks.replicated(mesh)
   student = jax.jit(
-      lambda: ts.create_student_state(init_model, IMAGE_SHAPE, tx,
-                                      jax.random.key(seed)),
+      lambda: ts.create_classifier_state(init_model, IMAGE_SHAPE, tx,
+                                         jax.random.key(seed)),
       out_shardings=replicated)()
   disc = jax.jit(
       lambda: ts.create_discriminator_state(discriminator, num_classes,
@@ -109,7 +110,7 @@ def build_setup(mesh, layout, dataset, ids, *, method="ai_kd",
                                  discriminator=discriminator,
                                  learning_rate=lr,
                                  wrap_local_step=wrap_local_step),
-      carry=ts.TrainCarry(
+      carry=ts.TrainState(
           student, disc,
           banks.initial_prediction_bank(labels_by_id, num_classes,
                                         bank_dtype, mesh)),
@@ -121,7 +122,7 @@ def build_setup(mesh, layout, dataset, ids, *, method="ai_kd",
   return setup
 
 
-def snapshot(carry: ts.TrainCarry) -> dict:
+def snapshot(carry: ts.TrainState) -> dict:
   """Host copies of everything the step updates (the carry is donated)."""
   get = lambda x: jax.tree_util.tree_map(np.asarray, jax.device_get(x))
   return dict(

@@ -1,9 +1,13 @@
-"""Helpers for end-to-end tests that run main.py in a subprocess.
+"""Shared test helpers, above all for end-to-end tests in subprocesses.
 
-They start `main.py` the way a person would, watch its log while it runs
-(to kill or signal it at a chosen moment), fingerprint every file of a
-workdir, and read a stage's checkpoints back with orbax for bitwise
-comparisons.
+The one home of the paths (REPO_ROOT) and of running the project's commands
+the way a person would: main.py to its end (`run_main`) or in the background
+while its log is watched (to kill or signal it at a chosen moment,
+`MainProcess`), any module or snippet (`run_module`, `run_python`). Every
+subprocess gets `subprocess_env`: CPU only, one device unless asked for more
+(the fake devices of tests/conftest.py are this process's JAX config and do
+not leak). Also: fingerprints of every file of a workdir, a stage's
+checkpoints read back with orbax for bitwise comparisons, results files.
 """
 
 from __future__ import annotations
@@ -50,11 +54,12 @@ def main_command(workdir: str, *overrides: str,
 
 
 def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
-  """CPU only, unbuffered; `num_devices` fake CPU devices if given."""
+  """CPU only, unbuffered; `num_devices` fake CPU devices if given, else 1."""
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
   env.pop("XLA_FLAGS", None)
+  env.pop("JAX_NUM_CPU_DEVICES", None)
   if num_devices is not None:
     env["XLA_FLAGS"] = (
         f"--xla_force_host_platform_device_count={num_devices}")
@@ -63,11 +68,18 @@ def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
 
 @dataclasses.dataclass
 class Finished:
-  """What a finished run left behind: exit status, output, wall time."""
+  """What a finished run left behind: exit status, output, wall time.
+
+  `output` is stdout and stderr interleaved as written, unless the streams
+  were captured apart: then `stdout` and `stderr` hold them and `output` is
+  the one followed by the other.
+  """
 
   returncode: int
   output: str
   seconds: float
+  stdout: str | None = None
+  stderr: str | None = None
 
   def lines(self, pattern: str) -> list[str]:
     return [l for l in self.output.splitlines() if re.search(pattern, l)]
@@ -76,15 +88,47 @@ class Finished:
     return self.output[-chars:]
 
 
-def run_main(workdir: str, *overrides: str, num_devices: int | None = None,
-             timeout: float = 300.0) -> Finished:
-  """Runs main.py to the end; stdout and stderr together in `output`."""
+def _run(command: list[str], num_devices: int | None, timeout: float,
+         separate_streams: bool, env: dict[str, str] | None = None
+         ) -> Finished:
   start = time.monotonic()
-  proc = subprocess.run(main_command(workdir, *overrides), cwd=REPO_ROOT,
-                        env=subprocess_env(num_devices),
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        text=True, timeout=timeout, check=False)
-  return Finished(proc.returncode, proc.stdout, time.monotonic() - start)
+  proc = subprocess.run(
+      command, cwd=REPO_ROOT, env=env or subprocess_env(num_devices),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE if separate_streams else subprocess.STDOUT,
+      text=True, timeout=timeout, check=False)
+  seconds = time.monotonic() - start
+  if not separate_streams:
+    return Finished(proc.returncode, proc.stdout, seconds)
+  return Finished(proc.returncode, proc.stdout + proc.stderr, seconds,
+                  stdout=proc.stdout, stderr=proc.stderr)
+
+
+def run_main(workdir: str, *overrides: str, config: str = "configs/digits.py",
+             num_devices: int | None = None, timeout: float = 300.0,
+             separate_streams: bool = False) -> Finished:
+  """Runs main.py to the end; stdout and stderr together in `output`
+  (and apart in `stdout`, `stderr` if `separate_streams`)."""
+  return _run(main_command(workdir, *overrides, config=config), num_devices,
+              timeout, separate_streams)
+
+
+def run_python(*args: str, num_devices: int | None = None,
+               timeout: float = 600.0) -> Finished:
+  """`python *args` in the repository root (also first on PYTHONPATH, for
+  `-c` snippets and `-m` modules), streams captured apart."""
+  env = subprocess_env(num_devices)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  return _run([PYTHON, *args], num_devices, timeout, separate_streams=True,
+              env=env)
+
+
+def run_module(module: str, *args: str, num_devices: int | None = None,
+               timeout: float = 600.0) -> Finished:
+  """`python -m module *args` in the repository root, streams apart."""
+  return run_python("-m", module, *args, num_devices=num_devices,
+                    timeout=timeout)
 
 
 class MainProcess:
@@ -284,6 +328,7 @@ def bitwise_differences(a: dict[str, np.ndarray],
 
 
 def read_results(workdir: str, stage: str) -> dict[str, Any]:
+  """A stage's results.json."""
   with open(os.path.join(workdir, stage, "results.json")) as f:
     return json.load(f)
 

@@ -8,6 +8,9 @@ import pytest
 
 from aikd_jax import augment
 
+# Compiled with most XLA optimisations off (conftest.py): like with like.
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 

@@ -31,6 +31,9 @@ import pytest
 
 import e2e_util as u
 
+# Every test here runs main.py in a subprocess.
+pytestmark = pytest.mark.slow
+
 # A student-only run (no teacher): its checkpoints sit in student/.
 BASE = ("--config.method=ce",) + u.SHORT_DIGITS
 SPE = u.STEPS_PER_EPOCH

@@ -1,7 +1,5 @@
 """Tests for aikd_jax.banks: row layout, example ids, epoch orders, banks."""
 
-import textwrap
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -193,45 +191,48 @@ def test_initial_prediction_bank_one_device(dtype):
   np.testing.assert_array_equal(host.sum(-1), (labels_by_id >= 0) * 1.0)
 
 
-def test_initial_prediction_bank_shards_on_eight_devices(cpu_devices_runner):
-  code = textwrap.dedent("""
-      import json
-      import jax, jax.numpy as jnp, numpy as np
-      from aikd_jax import banks
-      assert jax.device_count() == 8, jax.devices()
-      n, c = 203, 10
-      layout = banks.RowLayout(n, 8)
-      rng = np.random.default_rng(0)
-      labels = rng.integers(0, c, n).astype(np.int32)
-      ids = banks.example_ids(n, 0)
-      labels_by_id = banks.arrange_by_id(labels, ids, layout.num_rows, fill=-1)
-      mesh = banks.data_mesh()
-      out = {"mesh_devices": int(mesh.devices.size)}
-      for name in ("float32", "bfloat16"):
-        bank = banks.initial_prediction_bank(labels_by_id, c, name, mesh)
-        shards = []
-        for sh in sorted(bank.addressable_shards, key=lambda s: s.device.id):
-          rows = sh.index[0]
-          data = np.asarray(sh.data.astype(jnp.float32))
-          want = np.zeros_like(data)
-          lab = labels_by_id[rows]
-          want[np.arange(len(lab))[lab >= 0], lab[lab >= 0]] = 1.0
-          shards.append(dict(
-              device=list(mesh.devices).index(sh.device),
-              shape=list(sh.data.shape), dtype=str(sh.data.dtype),
-              start=rows.start, stop=rows.stop,
-              matches=bool(np.array_equal(data, want)),
-              row_sums=float(data.sum())))
-        out[name] = dict(shape=list(bank.shape), dtype=str(bank.dtype),
-                         spec=str(bank.sharding.spec), shards=shards)
-      images = np.zeros((n, 8, 8, 1), np.uint8)
-      img = banks.put_sharded(banks.arrange_by_id(images, ids,
-                                                  layout.num_rows), mesh)
-      out["image_shards"] = sorted({tuple(s.data.shape)
-                                    for s in img.addressable_shards})
-      print(json.dumps(out))
-      """)
-  out = cpu_devices_runner(code, num_devices=8)
+def _eight_device_banks(devices):
+  """The banks and the image array of the test below, on 8 devices.
+
+  Returns what the test checks, as plain values: per dtype the bank's
+  shape, dtype, spec and each shard's device, rows and contents.
+  """
+  n, c = 203, 10
+  layout = banks.RowLayout(n, 8)
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, c, n).astype(np.int32)
+  ids = banks.example_ids(n, 0)
+  labels_by_id = banks.arrange_by_id(labels, ids, layout.num_rows, fill=-1)
+  mesh = banks.data_mesh(devices)
+  out = {"mesh_devices": int(mesh.devices.size)}
+  for name in ("float32", "bfloat16"):
+    bank = banks.initial_prediction_bank(labels_by_id, c, name, mesh)
+    shards = []
+    for sh in sorted(bank.addressable_shards, key=lambda s: s.device.id):
+      rows = sh.index[0]
+      data = np.asarray(sh.data.astype(jnp.float32))
+      want = np.zeros_like(data)
+      lab = labels_by_id[rows]
+      want[np.arange(len(lab))[lab >= 0], lab[lab >= 0]] = 1.0
+      shards.append(dict(
+          device=list(mesh.devices).index(sh.device),
+          shape=list(sh.data.shape), dtype=str(sh.data.dtype),
+          start=rows.start, stop=rows.stop,
+          matches=bool(np.array_equal(data, want)),
+          row_sums=float(data.sum())))
+    out[name] = dict(shape=list(bank.shape), dtype=str(bank.dtype),
+                     spec=str(bank.sharding.spec), shards=shards)
+  images = np.zeros((n, 8, 8, 1), np.uint8)
+  img = banks.put_sharded(banks.arrange_by_id(images, ids,
+                                              layout.num_rows), mesh)
+  out["image_shards"] = sorted({tuple(s.data.shape)
+                                for s in img.addressable_shards})
+  return out
+
+
+def test_initial_prediction_bank_shards_on_eight_devices(eight_devices):
+  assert len(eight_devices) == 8, eight_devices
+  out = _eight_device_banks(eight_devices)
   layout = banks.RowLayout(203, 8)
   s = layout.rows_per_device
   assert (s, layout.num_rows) == (26, 208)

@@ -11,13 +11,13 @@ import json
 import os
 import shutil
 
+import e2e_util as u
 import numpy as np
 import pytest
 from PIL import Image
 
 from aikd_jax import metrics as metrics_lib
 from aikd_jax import report as report_lib
-import e2e_util as u
 
 METRICS = ("top1_err", "top5_err", "nll", "ece", "aurc", "eaurc")
 METHODS = ("ps_kd", "ai_kd")

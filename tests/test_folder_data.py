@@ -2,17 +2,14 @@
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 
+import e2e_util as u
 import numpy as np
 from PIL import Image
 import pytest
 
 from aikd_jax import data
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_missing_folder_names_the_path(tmp_path):
@@ -217,9 +214,7 @@ print(json.dumps({{'shapes': shapes, 'modules': sorted(
     m for m in sys.modules
     if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets'))}}))
 """
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = u.run_python('-c', code, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['shapes'] == [[[9, 12, 12, 3], [6, 12, 12, 3]],

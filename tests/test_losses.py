@@ -13,6 +13,9 @@ import pytest
 
 from aikd_jax import losses
 
+# Compiled with most XLA optimisations off (conftest.py): like with like.
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
 
 def _random_logits(key: int, shape: tuple[int, ...], scale: float = 3.0):
   return scale * jax.random.normal(jax.random.key(key), shape)

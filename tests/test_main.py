@@ -2,40 +2,32 @@
 
 import json
 import os
-import subprocess
-import sys
-import time
 
+import e2e_util as u
 import numpy as np
 import pytest
+from e2e_util import read_results
 from PIL import Image
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test here runs main.py (or the training loop) in a subprocess.
+pytestmark = pytest.mark.slow
+
 METRICS = ("top1_err", "top5_err", "nll", "ece", "aurc", "eaurc")
 
 
-def run_main(workdir, *overrides, config="configs/digits.py", timeout=600,
-             env=None):
-  command = [sys.executable, "main.py", f"--config={config}",
-             f"--workdir={workdir}", *overrides]
-  return subprocess.run(command, cwd=REPO_ROOT, capture_output=True,
-                        text=True, timeout=timeout,
-                        env={**os.environ, **(env or {})})
-
-
-def read_results(workdir, stage):
-  with open(os.path.join(workdir, stage, "results.json")) as f:
-    return json.load(f)
+def run_main(workdir, *overrides, config="configs/digits.py", timeout=600):
+  """main.py in a subprocess, stdout and stderr captured apart."""
+  return u.run_main(workdir, *overrides, config=config, timeout=timeout,
+                    separate_streams=True)
 
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
   """The digits demo exactly as the README runs it."""
   workdir = str(tmp_path_factory.mktemp("digits"))
-  start = time.monotonic()
   proc = run_main(workdir)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return workdir, proc, time.monotonic() - start
+  return workdir, proc, proc.seconds
 
 
 def test_digits_demo_runs_three_stages_and_student_learns(digits_run):
@@ -92,9 +84,7 @@ with tfds.testing.mock_data(num_examples=48,
   results = train.train_and_evaluate(config, {str(tmp_path / 'wd')!r})
 print(json.dumps(results))
 """
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "PYTHONPATH": REPO_ROOT})
+  proc = u.run_python("-c", script, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])
   assert results["method"] == "ai_kd"
@@ -140,10 +130,9 @@ def test_missing_dataset_fails_fast_with_instructions(tmp_path):
   empty = tmp_path / "tfds"
   empty.mkdir()
   workdir = tmp_path / "wd"
-  start = time.monotonic()
   proc = run_main(workdir, f"--config.data_dir={empty}",
                   config="configs/cifar100.py")
-  elapsed = time.monotonic() - start
+  elapsed = proc.seconds
   assert proc.returncode != 0
   output = proc.stdout + proc.stderr
   assert "TFDS_DATA_DIR" in output and "tfds build" in output

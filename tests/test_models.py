@@ -9,6 +9,9 @@ from jax.sharding import PartitionSpec as P
 
 from aikd_jax import models
 
+# Compiled with most XLA optimisations off (conftest.py): like with like.
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
 
 def _param_count(tree) -> int:
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))

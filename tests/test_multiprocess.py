@@ -15,10 +15,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from e2e_util import REPO_ROOT, subprocess_env
 
 from aikd_jax import checkpointing
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test here runs main.py in subprocesses.
+pytestmark = pytest.mark.slow
+
 SHORT = ["--config=configs/digits.py", "--config.num_epochs=2",
          "--config.teacher_num_epochs=1", "--config.log_every_steps=4"]
 NUM_TEST_EXAMPLES = 359  # The digits split: 1797 images, 20% held out.
@@ -30,22 +33,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices_per_process: int) -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (
-      f"--xla_force_host_platform_device_count={devices_per_process}")
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
 def start_processes(workdir, num_processes=2):
   port = _free_port()
   return [subprocess.Popen(
       [sys.executable, "main.py", f"--workdir={workdir}", *SHORT,
        f"--coordinator_address=localhost:{port}",
        f"--num_processes={num_processes}", f"--process_id={i}"],
-      cwd=REPO_ROOT, env=_env(8 // num_processes), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(num_processes)]
+      cwd=REPO_ROOT, env=subprocess_env(8 // num_processes),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(num_processes)]
 
 
 def finish(processes, timeout=600):
@@ -59,7 +55,7 @@ def finish(processes, timeout=600):
 
 def run_single_process(workdir):
   proc = subprocess.run([sys.executable, "main.py", f"--workdir={workdir}",
-                         *SHORT], cwd=REPO_ROOT, env=_env(8),
+                         *SHORT], cwd=REPO_ROOT, env=subprocess_env(8),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -34,6 +34,9 @@ import pytest
 
 import e2e_util as u
 
+# Every test here runs main.py in a subprocess.
+pytestmark = pytest.mark.slow
+
 FLAGS = u.SHORT_DIGITS
 SPE = u.STEPS_PER_EPOCH
 TEACHER_STEPS = u.TEACHER_EPOCHS * SPE

@@ -4,11 +4,11 @@ import contextlib
 import importlib.resources
 import importlib.util
 import os
-import subprocess
 import sys
 import time
 from unittest import mock
 
+import e2e_util as u
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -156,11 +156,8 @@ def test_prepared_cifar10_read_in_several_batches(prepared_cifar10,
 def test_command_line_prepares_and_summarises(prepared_cifar10):
   """`python -m aikd_jax.data` (documented in the README) still runs."""
   dirs, _ = prepared_cifar10
-  proc = subprocess.run(
-      [sys.executable, '-m', 'aikd_jax.data', '--dataset=cifar10',
-       f'--data_dir={dirs["array_record"]}'],
-      capture_output=True, text=True, timeout=300,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = u.run_module('aikd_jax.data', '--dataset=cifar10',
+                      f'--data_dir={dirs["array_record"]}', timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'cifar10: train (40, 32, 32, 3), test (10, 32, 32, 3)' in proc.stdout
 

@@ -1,16 +1,12 @@
 """Tests for aikd_jax.train_step: the jitted, shard_mapped AI-KD step.
 
-Multi-device checks run in a subprocess with 8 fake CPU devices (see
-conftest.py); that subprocess imports this module and calls
-`_eight_vs_one_device_run`, so the setup code below is shared by both sides.
+Multi-device checks run in this process on 8 of the session's fake CPU
+devices (see conftest.py), next to 1-device runs of the same setup code.
 """
 
 import dataclasses
 import math
-import os
-import pickle
 import re
-import textwrap
 
 import chex
 import jax
@@ -23,6 +19,9 @@ from aikd_jax import models
 from aikd_jax import optim
 from aikd_jax import train_step as ts
 from aikd_jax.objective import resolve_objective
+
+# Compiled with most XLA optimisations off (conftest.py): like with like.
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 IMAGE_SHAPE = (8, 8, 1)
 MEAN, STD = (0.5,), (0.25,)
@@ -199,19 +198,19 @@ def test_bank_sized_collectives_parser():
   assert _shapes("%cp = bf16[38,10]{1,0} collective-permute(") == [(38, 10)]
 
 
-# --- 1 vs 8 devices (runs inside an 8-device subprocess) ---------------------
+# --- 1 vs 8 devices ---------------------------------------------------------
 
 EIGHT_N, EIGHT_C, EIGHT_B, EIGHT_STEPS = 300, 10, 4, 3
 
 
-def _eight_vs_one_device_run(out_dir):
-  """Runs the same global batches on 8 devices and on 1; pickles the results.
+def _eight_vs_one_device_run(devices):
+  """Runs the same global batches on 8 devices and on 1; returns the results.
 
-  Also writes the compiled HLO of the 8-device step, and of a deliberately
+  Also returns the compiled HLO of the 8-device step, and of a deliberately
   bank-gathering function (to prove the HLO check can see a violation).
   """
   from jax.sharding import PartitionSpec as P
-  assert jax.device_count() == 8, jax.devices()
+  assert len(devices) == 8, devices
   n, c, b, steps = EIGHT_N, EIGHT_C, EIGHT_B, EIGHT_STEPS
   dataset = random_dataset(n, c, seed=1)
   ids = banks.example_ids(n, seed=0)
@@ -221,7 +220,7 @@ def _eight_vs_one_device_run(out_dir):
   spe = layout8.steps_per_epoch(b)
   assert spe > steps  # both runs stay in epoch 0
   chex.clear_trace_counter()
-  eight = build_setup(banks.data_mesh(), layout8, dataset, ids,
+  eight = build_setup(banks.data_mesh(devices), layout8, dataset, ids,
                       per_device_batch=b, steps_per_epoch=spe, num_epochs=2,
                       num_classes=c,
                       wrap_local_step=chex.assert_max_traces(n=1))
@@ -229,14 +228,11 @@ def _eight_vs_one_device_run(out_dir):
   data8 = eight.data(order8)
   initial = snapshot(eight.carry)
 
-  compiled = eight.step_fn.lower(eight.carry, data8).compile()
-  with open(os.path.join(out_dir, "step.hlo.txt"), "w") as f:
-    f.write(compiled.as_text())
+  step_hlo = eight.step_fn.lower(eight.carry, data8).compile().as_text()
   gather = jax.jit(jax.shard_map(
       lambda x: jax.lax.all_gather(x, "data", tiled=True), mesh=eight.mesh,
       in_specs=P("data"), out_specs=P(), check_vma=False))
-  with open(os.path.join(out_dir, "gather.hlo.txt"), "w") as f:
-    f.write(gather.lower(eight.carry.prediction_bank).compile().as_text())
+  gather_hlo = gather.lower(eight.carry.prediction_bank).compile().as_text()
 
   carry, metrics8, first8 = eight.carry, [], None
   for k in range(steps):
@@ -271,7 +267,7 @@ def _eight_vs_one_device_run(out_dir):
   order1 = np.concatenate([seen, np.setdiff1d(np.arange(n), seen)])
   layout1 = banks.RowLayout(n, 1)
   assert layout1.num_rows == n and order1.shape == (n,)
-  one = build_setup(one_device_mesh(), layout1, dataset, ids,
+  one = build_setup(banks.data_mesh(devices[:1]), layout1, dataset, ids,
                     per_device_batch=8 * b, steps_per_epoch=spe,
                     num_epochs=2, num_classes=c)
   data1 = one.data(order1)
@@ -282,27 +278,19 @@ def _eight_vs_one_device_run(out_dir):
     first1 = snapshot(carry) if k == 0 else first1
   result1 = snapshot(carry)
 
-  with open(os.path.join(out_dir, "results.pkl"), "wb") as f:
-    pickle.dump(dict(initial=initial, eight=result8, one=result1,
-                     first_eight=first8, first_one=first1, retrace=retrace,
-                     metrics8=metrics8, metrics1=metrics1,
-                     batch_ids=batch_ids, num_rows=layout8.num_rows,
-                     labels_by_id=eight.labels_by_id), f)
-  return dict(num_rows=layout8.num_rows, steps_per_epoch=spe, **retrace)
+  results = dict(initial=initial, eight=result8, one=result1,
+                 first_eight=first8, first_one=first1, retrace=retrace,
+                 metrics8=metrics8, metrics1=metrics1,
+                 batch_ids=batch_ids, num_rows=layout8.num_rows,
+                 labels_by_id=eight.labels_by_id)
+  info = dict(num_rows=layout8.num_rows, steps_per_epoch=spe, **retrace)
+  return dict(info=info, results=results, step_hlo=step_hlo,
+              gather_hlo=gather_hlo)
 
 
 @pytest.fixture(scope="module")
-def eight_device_run(cpu_devices_runner, tmp_path_factory):
-  out_dir = str(tmp_path_factory.mktemp("eight_devices"))
-  code = textwrap.dedent(f"""
-      import json
-      import test_train_step as t
-      print(json.dumps(t._eight_vs_one_device_run({out_dir!r})))
-      """)
-  info = cpu_devices_runner(code, num_devices=8)
-  with open(os.path.join(out_dir, "results.pkl"), "rb") as f:
-    results = pickle.load(f)
-  return dict(info=info, results=results, out_dir=out_dir)
+def eight_device_run(eight_devices):
+  return _eight_vs_one_device_run(eight_devices)
 
 
 def _max_abs_diff(a, b):
@@ -406,7 +394,7 @@ def test_eight_device_step_never_recompiles(eight_device_run):
   info = eight_device_run["info"]
   spe = info["steps_per_epoch"]
   assert spe == 8
-  # The wrapped per-device step was traced once (else the subprocess raised),
+  # The wrapped per-device step was traced once (else the fixture raised),
   # no XLA compilation happened after the first call, one cache entry.
   assert info["compiles"] == 0
   assert info["cache_size"] == 1
@@ -416,10 +404,8 @@ def test_eight_device_step_never_recompiles(eight_device_run):
 
 def test_eight_device_step_hlo_moves_no_bank(eight_device_run):
   num_rows = eight_device_run["results"]["num_rows"]
-  with open(os.path.join(eight_device_run["out_dir"], "step.hlo.txt")) as f:
-    hlo = f.read()
-  with open(os.path.join(eight_device_run["out_dir"], "gather.hlo.txt")) as f:
-    gather_hlo = f.read()
+  hlo = eight_device_run["step_hlo"]
+  gather_hlo = eight_device_run["gather_hlo"]
   # Not vacuous: gradients/metrics are averaged with all-reduce, and the
   # checker does flag a real all-gather of the bank compiled on this backend.
   assert "all-reduce" in hlo
@@ -545,7 +531,8 @@ def test_ce_step_leaves_discriminator_and_bank_alone():
   assert after["step"] == 1
   assert _max_abs_diff(after["params"], before["params"]) > 1e-4
   assert set(metrics) == {"loss/prog", "loss/student", "train/train_acc",
-                          "train/learning_rate", "train/alpha"}
+                          "train/learning_rate", "train/alpha",
+                          "train/grad_norm", "train/max_abs_logit"}
   assert float(metrics["loss/student"]) == float(metrics["loss/prog"])
   assert float(metrics["train/alpha"]) == 0.0
 
@@ -585,8 +572,13 @@ def test_ai_kd_step_with_bfloat16_bank():
   assert after["disc_step"] == 2
   assert _max_abs_diff(after["disc_params"], before["disc_params"]) > 0
   m = host_metrics(metrics)
+  # The preset ramps the teacher's terms in: at its second step (step 1)
+  # they carry 2 / (5 epochs x steps per epoch) of their weight.
+  ramp = 2 / (5 * setup.config.steps_per_epoch)
+  assert m["train/teacher_weight"] == pytest.approx(ramp, rel=1e-6)
   assert m["loss/student"] == pytest.approx(
-      m["loss/prog"] + 1.0 * m["loss/det"] + 0.1 * m["loss/adv"], rel=1e-5)
+      m["loss/prog"] + ramp * (1.0 * m["loss/det"] + 0.1 * m["loss/adv"]),
+      rel=1e-5)
 
 
 # --- CS-KD -----------------------------------------------------------------

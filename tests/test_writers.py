@@ -4,15 +4,12 @@ import json
 import logging as std_logging
 import os
 import struct
-import subprocess
-import sys
 
+import e2e_util as u
 import numpy as np
 import pytest
 
 from aikd_jax import writers
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _event_files(directory):
@@ -193,9 +190,7 @@ w.close()
 print(json.dumps(sorted(m for m in sys.modules
                         if m.split('.')[0] in ('tensorflow', 'clu'))))
 """
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
-  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = u.run_python('-c', code, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
   (path,) = _event_files(str(tmp_path))

@@ -14,8 +14,8 @@
 #             printed figure; gpu_check.stderr.txt; one JSON per benchmark)
 #   PYTHON    interpreter (default: python3)
 #   SMOKE=1   small settings for a CPU smoke test
-#   FASHION_MNIST_DIR  an image folder written by fashion_mnist_folder.py
-#             (ROOT/train/<class>/*.png; 1,000 per class is 12 MB): when set,
+#   FASHION_MNIST_DIR  a Fashion-MNIST image folder, ROOT/train/<class>/*.png
+#             (32x32 RGB; 1,000 per class is 12 MB): when set,
 #             a teacher + ce, ps_kd, ai_kd comparison on it runs first, with
 #             PreAct ResNet-18 at PS-KD's recipe (FM_EPOCHS epochs, default
 #             15), and its table is printed.

@@ -1,7 +1,7 @@
 """PyTorch parity of the training dynamics, step by step.
 
   python benchmarks/torch_parity.py --steps=15 --batch_size=128 \
-      --objective=ce_kd --lr=0.1 --data=folder:/tmp/fm200
+      --objective=ce_kd --lr=0.1 --data=folder:FASHION_MNIST_200
 
 Builds PS-KD's PreAct ResNet-18 in PyTorch (the class in
 `torch_reference.py`), copies its initial parameters and BatchNorm running

@@ -96,7 +96,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def eight_devices() -> list:
   """Eight of the session's fake CPU devices, for in-process meshes."""
-  devices = _all_devices()
+  devices = _all_devices("cpu")
   assert len(devices) == NUM_CPU_DEVICES, devices
   return devices[:8]
 

@@ -1,4 +1,4 @@
-"""On-device augmentation: random crop with zero padding, horizontal flip, normalise.
+"""On-device augmentation: random crop with zero padding, flip, normalise.
 
 Runs inside the jitted, shard_mapped train step, so it is pure jnp. Each
 example's randomness is `jax.random.fold_in(key, example_id)`: the view of an
@@ -18,14 +18,15 @@ ArrayLike = jax.Array | Sequence[float]
 
 
 def normalize(images: jax.Array, mean: ArrayLike, std: ArrayLike) -> jax.Array:
-  """uint8 images [..., H, W, C] -> float32 (x / 255 - mean) / std, per channel."""
+  """uint8 images [..., H, W, C] -> float32 (x / 255 - mean) / std."""
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def augment_offsets(example_ids: jax.Array, key: jax.Array, *, pad: int,
-                    flip: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+def augment_offsets(
+  example_ids: jax.Array, key: jax.Array, *, pad: int, flip: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The per-example crop offsets and flips that `augment` applies.
 
   Args:
@@ -47,9 +48,17 @@ def augment_offsets(example_ids: jax.Array, key: jax.Array, *, pad: int,
   return jax.vmap(one)(jnp.asarray(example_ids))
 
 
-def augment(images: jax.Array, example_ids: jax.Array, key: jax.Array, *,
-            pad: int, flip: bool, mean: ArrayLike, std: ArrayLike) -> jax.Array:
-  """torchvision's RandomCrop(H, padding=pad) + RandomHorizontalFlip + Normalize.
+def augment(
+  images: jax.Array,
+  example_ids: jax.Array,
+  key: jax.Array,
+  *,
+  pad: int,
+  flip: bool,
+  mean: ArrayLike,
+  std: ArrayLike,
+) -> jax.Array:
+  """torchvision's RandomCrop(H, padding=pad), RandomHorizontalFlip, Normalize.
 
   Padding is zeros in pixel space, before normalisation, as torchvision does.
 
@@ -68,7 +77,9 @@ def augment(images: jax.Array, example_ids: jax.Array, key: jax.Array, *,
   dy, dx, flipped = augment_offsets(example_ids, key, pad=pad, flip=flip)
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
-  def one(image: jax.Array, y: jax.Array, x: jax.Array, f: jax.Array) -> jax.Array:
+  def one(
+    image: jax.Array, y: jax.Array, x: jax.Array, f: jax.Array
+  ) -> jax.Array:
     crop = jax.lax.dynamic_slice(image, (y, x, 0), (height, width, channels))
     return jnp.where(f, crop[:, ::-1], crop)
 

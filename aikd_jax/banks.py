@@ -13,8 +13,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -41,8 +42,10 @@ class RowLayout:
 
   def steps_per_epoch(self, per_device_batch: int) -> int:
     """Full batches every device can draw; the remainder is skipped."""
-    return min(self.valid_rows(d) for d in range(self.num_devices)
-               ) // per_device_batch
+    return (
+      min(self.valid_rows(d) for d in range(self.num_devices))
+      // per_device_batch
+    )
 
 
 def example_ids(num_examples: int, seed: int) -> np.ndarray:
@@ -51,20 +54,29 @@ def example_ids(num_examples: int, seed: int) -> np.ndarray:
   A permutation rather than the identity so that a dataset sorted by class
   does not give each device one class.
   """
-  return np.random.default_rng([seed, 0x1D5]).permutation(
-      num_examples).astype(np.int32)
+  return (
+    np.random.default_rng([seed, 0x1D5])
+    .permutation(num_examples)
+    .astype(np.int32)
+  )
 
 
-def arrange_by_id(values: np.ndarray, ids: np.ndarray, num_rows: int,
-                  fill=0) -> np.ndarray:
+def arrange_by_id(
+  values: np.ndarray, ids: np.ndarray, num_rows: int, fill=0
+) -> np.ndarray:
   """Host array with row ids[i] = values[i]; padding rows hold `fill`."""
   out = np.full((num_rows,) + values.shape[1:], fill, values.dtype)
   out[ids] = values
   return out
 
 
-def put_by_id(values: np.ndarray, ids: np.ndarray, num_rows: int,
-              mesh: jax.sharding.Mesh, fill=0) -> jax.Array:
+def put_by_id(
+  values: np.ndarray,
+  ids: np.ndarray,
+  num_rows: int,
+  mesh: jax.sharding.Mesh,
+  fill=0,
+) -> jax.Array:
   """Device array with row ids[i] = values[i], sharded by rows.
 
   Each process builds only the row blocks its own devices hold, so on a
@@ -94,12 +106,14 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 def put_sharded(host_array: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
   """Places a host array sharded by rows; each process supplies its rows."""
   sharding = data_sharding(mesh)
-  return jax.make_array_from_callback(host_array.shape, sharding,
-                                      lambda index: host_array[index])
+  return jax.make_array_from_callback(
+    host_array.shape, sharding, lambda index: host_array[index]
+  )
 
 
-def initial_prediction_bank(labels_by_id: np.ndarray, num_classes: int,
-                            dtype, mesh: jax.sharding.Mesh) -> jax.Array:
+def initial_prediction_bank(
+  labels_by_id: np.ndarray, num_classes: int, dtype, mesh: jax.sharding.Mesh
+) -> jax.Array:
   """The prediction bank before epoch 0: each row the one-hot label.
 
   docs/method.md sets a row to onehot(y) before it is first read in epoch 0;
@@ -125,8 +139,8 @@ def epoch_order(layout: RowLayout, seed: int, epoch: int) -> np.ndarray:
   for d in range(layout.num_devices):
     valid = layout.valid_rows(d)
     rng = np.random.default_rng([seed, epoch, d, 0xE0])
-    order[d * s:d * s + valid] = rng.permutation(valid)
-    order[d * s + valid:(d + 1) * s] = np.arange(valid, s)
+    order[d * s : d * s + valid] = rng.permutation(valid)
+    order[d * s + valid : (d + 1) * s] = np.arange(valid, s)
   return order
 
 
@@ -136,8 +150,9 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def partner_rows(layout: RowLayout, labels_by_id: np.ndarray, seed: int,
-                 epoch: int) -> np.ndarray:
+def partner_rows(
+  layout: RowLayout, labels_by_id: np.ndarray, seed: int, epoch: int
+) -> np.ndarray:
   """CS-KD's pairing: for each row, a local row of the same class.
 
   Drawn per device and epoch (seeded by seed, epoch, device) among the
@@ -148,7 +163,7 @@ def partner_rows(layout: RowLayout, labels_by_id: np.ndarray, seed: int,
   s = layout.rows_per_device
   partners = np.tile(np.arange(s, dtype=np.int32), layout.num_devices)
   for d in range(layout.num_devices):
-    labels = labels_by_id[d * s:d * s + layout.valid_rows(d)]
+    labels = labels_by_id[d * s : d * s + layout.valid_rows(d)]
     rng = np.random.default_rng([seed, epoch, d, 0xC5])
     for label in np.unique(labels):
       members = np.flatnonzero(labels == label).astype(np.int32)

@@ -34,10 +34,12 @@ class CheckpointError(RuntimeError):
 
 
 def _fallback_message(directory: str, step: int) -> str:
-  return (f"The latest checkpoint {os.path.join(directory, str(step))} is "
-          f"corrupted or incomplete. To resume from the previous one, move "
-          f"that folder out of the way (e.g. `mv {directory}/{step} "
-          f"{directory}/{step}.bad`) and rerun the same command.")
+  return (
+    f"The latest checkpoint {os.path.join(directory, str(step))} is "
+    f"corrupted or incomplete. To resume from the previous one, move "
+    f"that folder out of the way (e.g. `mv {directory}/{step} "
+    f"{directory}/{step}.bad`) and rerun the same command."
+  )
 
 
 def verify_latest(directory: str) -> None:
@@ -47,8 +49,7 @@ def verify_latest(directory: str) -> None:
   """
   if not os.path.isdir(directory):
     return
-  steps = sorted(int(name) for name in os.listdir(directory)
-                 if name.isdigit())
+  steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
   if not steps:
     return
   latest = os.path.join(directory, str(steps[-1]))
@@ -84,12 +85,14 @@ class StageCheckpoints:
   def __init__(self, directory: str, keep: int):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=preservation_policy.LatestN(max(1, keep)),
-        enable_async_checkpointing=True,
-        cleanup_tmp_directories=True,
-        create=True)
+      preservation_policy=preservation_policy.LatestN(max(1, keep)),
+      enable_async_checkpointing=True,
+      cleanup_tmp_directories=True,
+      create=True,
+    )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "progress"))
+      self.directory, options=options, item_names=("state", "progress")
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -101,18 +104,26 @@ class StageCheckpoints:
     the caller goes on changing its own dict.
     """
     progress = json.loads(json.dumps(progress))
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        progress=ocp.args.JsonSave(progress)), force=True)
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+      ),
+      force=True,
+    )
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """Restores onto `target`'s structure, shapes, dtypes and shardings."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     with _quiet_stderr():
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
+        restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract),
-            progress=ocp.args.JsonRestore()))
+            progress=ocp.args.JsonRestore(),
+          ),
+        )
         error = None
       except Exception as failure:  # orbax raises many kinds.
         error = failure
@@ -124,7 +135,8 @@ class StageCheckpoints:
     if error is not None:
       detail = (str(error).splitlines() or [type(error).__name__])[0][:300]
       raise CheckpointError(
-          _fallback_message(self.directory, step) + f" ({detail})")
+        _fallback_message(self.directory, step) + f" ({detail})"
+      )
     return restored["state"], restored["progress"]
 
   def wait(self) -> None:
@@ -151,7 +163,9 @@ def load_arrays(directory: str, step: int | None = None) -> tuple[int, Any]:
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
     restore_args = jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree
+    )
     state = checkpointer.restore(
-        path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+      path, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+    )
   return step, state

@@ -1,12 +1,12 @@
-"""Turns a run's outcome into an exit status and a message a person can act on."""
+"""Turns a run's outcome into an exit status and a message to act on."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-import ml_collections
 from absl import logging
+import ml_collections
 
 from aikd_jax import checkpointing
 from aikd_jax import data as data_lib
@@ -14,8 +14,11 @@ from aikd_jax import run_config
 from aikd_jax import train
 
 # Errors that are the input's fault: their message is the whole story.
-INPUT_ERRORS = (run_config.ConfigError, data_lib.DatasetUnavailableError,
-                checkpointing.CheckpointError)
+INPUT_ERRORS = (
+  run_config.ConfigError,
+  data_lib.DatasetUnavailableError,
+  checkpointing.CheckpointError,
+)
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -23,7 +26,8 @@ class _QuietLibraries(logging.logging.Filter):
 
   def filter(self, record):
     return record.levelno >= logging.logging.WARNING or (
-        "/orbax/" not in record.pathname)
+      "/orbax/" not in record.pathname
+    )
 
 
 def set_up_logging() -> None:
@@ -61,8 +65,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
   except INPUT_ERRORS as error:
     return input_error_status(error)
   last, best = results["last"], results["best"]
-  print(f"student ({results['method']}): last epoch top-1 error "
-        f"{last['top1_err']:.2f}%, best {best['top1_err']:.2f}% "
-        f"(epoch {best['epoch']}). Results: {workdir}/student/results.json",
-        flush=True)
+  print(
+    f"student ({results['method']}): last epoch top-1 error "
+    f"{last['top1_err']:.2f}%, best {best['top1_err']:.2f}% "
+    f"(epoch {best['epoch']}). Results: {workdir}/student/results.json",
+    flush=True,
+  )
   return 0

@@ -32,10 +32,10 @@ import sys
 import time
 from typing import Any, Sequence
 
-import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from aikd_jax import checkpointing
@@ -50,8 +50,13 @@ from aikd_jax import train
 COMPARISON_FILE = report_lib.COMPARISON_FILE
 # Objective fields an override would change for every method at once, turning
 # the baselines into other methods (e.g. alpha_T > 0 makes `ce` PS-KD).
-_PRESET_WEIGHTS = ("alpha_T", "label_smoothing", "lambda_det", "lambda_adv",
-                   "lambda_cls")
+_PRESET_WEIGHTS = (
+  "alpha_T",
+  "label_smoothing",
+  "lambda_det",
+  "lambda_adv",
+  "lambda_cls",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +79,15 @@ def parse_methods(methods: Sequence[str]) -> list[str]:
   names = [m.strip() for m in methods if m.strip()]
   if not names:
     raise run_config.ConfigError(
-        "--methods is empty; name one or more of "
-        f"{', '.join(objective_lib.METHODS)}.")
+      "--methods is empty; name one or more of "
+      f"{', '.join(objective_lib.METHODS)}."
+    )
   unknown = [m for m in names if m not in objective_lib.METHODS]
   if unknown:
     raise run_config.ConfigError(
-        f"Unknown method(s) in --methods: {', '.join(unknown)}; choose from "
-        f"{', '.join(objective_lib.METHODS)}.")
+      f"Unknown method(s) in --methods: {', '.join(unknown)}; choose from "
+      f"{', '.join(objective_lib.METHODS)}."
+    )
   return list(dict.fromkeys(names))
 
 
@@ -92,24 +99,35 @@ def run_dir(method: str, seed_index: int) -> str:
   return os.path.join("runs", method, f"seed{seed_index}")
 
 
-def plan_runs(config: ml_collections.ConfigDict, methods: Sequence[str],
-              num_seeds: int) -> list[Run]:
+def plan_runs(
+  config: ml_collections.ConfigDict, methods: Sequence[str], num_seeds: int
+) -> list[Run]:
   """Every run, seed-major; a run's teacher is None if its method has none."""
   runs = []
   for s in range(num_seeds):
     for method in methods:
       objective = objective_lib.resolve_objective(
-          method, {"temperature": config.temperature,
-                   "teacher_mode": config.teacher_mode})
-      runs.append(Run(method=method, seed_index=s, seed=config.seed + s,
-                      workdir=run_dir(method, s),
-                      teacher=teacher_dir(s) if objective.uses_teacher
-                      else None))
+        method,
+        {
+          "temperature": config.temperature,
+          "teacher_mode": config.teacher_mode,
+        },
+      )
+      runs.append(
+        Run(
+          method=method,
+          seed_index=s,
+          seed=config.seed + s,
+          workdir=run_dir(method, s),
+          teacher=teacher_dir(s) if objective.uses_teacher else None,
+        )
+      )
   return runs
 
 
-def teacher_config(config: ml_collections.ConfigDict,
-                   seed: int) -> ml_collections.ConfigDict:
+def teacher_config(
+  config: ml_collections.ConfigDict, seed: int
+) -> ml_collections.ConfigDict:
   """The shared teacher's config: `ce` (what stage 1 trains), this seed."""
   result = copy.deepcopy(config)
   result.method = "ce"
@@ -118,20 +136,29 @@ def teacher_config(config: ml_collections.ConfigDict,
   return result
 
 
-def student_config(config: ml_collections.ConfigDict, run: Run,
-                   workdir: str) -> ml_collections.ConfigDict:
+def student_config(
+  config: ml_collections.ConfigDict, run: Run, workdir: str
+) -> ml_collections.ConfigDict:
   """The run's config: its method and seed, and its seed's teacher."""
   result = copy.deepcopy(config)
   result.method = run.method
   result.seed = run.seed
   result.teacher_checkpoint = (
-      os.path.join(os.path.abspath(workdir), run.teacher, "teacher",
-                   train.CHECKPOINT_DIR) if run.teacher else "")
+    os.path.join(
+      os.path.abspath(workdir), run.teacher, "teacher", train.CHECKPOINT_DIR
+    )
+    if run.teacher
+    else ""
+  )
   return result
 
 
-def check_comparison(config: ml_collections.ConfigDict, workdir: str,
-                     methods: Sequence[str], num_seeds: int) -> list[Run]:
+def check_comparison(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  methods: Sequence[str],
+  num_seeds: int,
+) -> list[Run]:
   """Every check that must pass before anything is trained or written.
 
   Validates the flags, the config, the data, and each existing teacher and
@@ -146,36 +173,44 @@ def check_comparison(config: ml_collections.ConfigDict, workdir: str,
   """
   methods = parse_methods(methods)
   if num_seeds < 1:
-    raise run_config.ConfigError(f"--seeds must be at least 1, got "
-                                 f"{num_seeds}.")
+    raise run_config.ConfigError(
+      f"--seeds must be at least 1, got {num_seeds}."
+    )
   overridden = [f for f in _PRESET_WEIGHTS if config.get(f) is not None]
   if overridden:
     raise run_config.ConfigError(
-        f"--config.{overridden[0]} would apply to every method of the "
-        "comparison and turn the baselines into other methods; leave "
-        f"{', '.join(_PRESET_WEIGHTS)} unset here (run main.py for a single "
-        "modified method).")
+      f"--config.{overridden[0]} would apply to every method of the "
+      "comparison and turn the baselines into other methods; leave "
+      f"{', '.join(_PRESET_WEIGHTS)} unset here (run main.py for a single "
+      "modified method)."
+    )
   if config.teacher_checkpoint:
     raise run_config.ConfigError(
-        "config.teacher_checkpoint must be empty: the comparison trains one "
-        "teacher per seed (DIR/teachers/seed<s>) and points the runs at it.")
+      "config.teacher_checkpoint must be empty: the comparison trains one "
+      "teacher per seed (DIR/teachers/seed<s>) and points the runs at it."
+    )
   run_config.validate(config)
   run_config.check_workdir(workdir)
-  data_lib.check_dataset_available(config.dataset, config.data_dir or None,
-                                   download=config.download)
+  data_lib.check_dataset_available(
+    config.dataset, config.data_dir or None, download=config.download
+  )
   # The comparison's own config.json: the base config the runs derive from.
-  notes = run_config.compare_with_saved(config, workdir,
-                                        ignore=frozenset({"method"}))
+  notes = run_config.compare_with_saved(
+    config, workdir, ignore=frozenset({"method"})
+  )
   runs = plan_runs(config, methods, num_seeds)
-  teachers = sorted({(r.seed_index, r.seed, r.teacher) for r in runs
-                     if r.teacher})
+  teachers = sorted(
+    {(r.seed_index, r.seed, r.teacher) for r in runs if r.teacher}
+  )
   for _, seed, path in teachers:
     cfg = teacher_config(config, seed)
     folder = os.path.join(workdir, path)
     notes += run_config.compare_with_saved(
-        cfg, folder, run_config.STUDENT_ONLY_FIELDS)
+      cfg, folder, run_config.STUDENT_ONLY_FIELDS
+    )
     checkpointing.verify_latest(
-        os.path.join(folder, "teacher", train.CHECKPOINT_DIR))
+      os.path.join(folder, "teacher", train.CHECKPOINT_DIR)
+    )
   for run in runs:
     cfg = student_config(config, run, workdir)
     folder = os.path.join(workdir, run.workdir)
@@ -186,26 +221,30 @@ def check_comparison(config: ml_collections.ConfigDict, workdir: str,
     notes += run_config.compare_with_saved(cfg, folder)
     for stage in ("teacher", "student"):
       checkpointing.verify_latest(
-          os.path.join(folder, stage, train.CHECKPOINT_DIR))
+        os.path.join(folder, stage, train.CHECKPOINT_DIR)
+      )
   for note in notes:
     logging.warning("Config change accepted on resume:%s", note)
   return runs
 
 
-def save_comparison(config: ml_collections.ConfigDict, workdir: str,
-                    methods: Sequence[str], num_seeds: int,
-                    runs: Sequence[Run]) -> None:
+def save_comparison(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  methods: Sequence[str],
+  num_seeds: int,
+  runs: Sequence[Run],
+) -> None:
   """Writes DIR/config.json and DIR/comparison.json (what report reads)."""
   os.makedirs(workdir, exist_ok=True)
   run_config.save(config, workdir)
   teachers = {str(r.seed_index): r.teacher for r in runs if r.teacher}
   payload = {
-      "methods": list(methods),
-      "seeds": [{"index": s, "seed": config.seed + s}
-                for s in range(num_seeds)],
-      "teachers": teachers,
-      "runs": [dataclasses.asdict(r) for r in runs],
-      "config": json.loads(config.to_json()),
+    "methods": list(methods),
+    "seeds": [{"index": s, "seed": config.seed + s} for s in range(num_seeds)],
+    "teachers": teachers,
+    "runs": [dataclasses.asdict(r) for r in runs],
+    "config": json.loads(config.to_json()),
   }
   results_lib.write_json(os.path.join(workdir, COMPARISON_FILE), payload)
 
@@ -216,8 +255,10 @@ def _finished(folder: str, stage: str, num_epochs: int) -> bool:
   The same rule as train.py's: a stage whose num_epochs was extended is not
   finished; train_and_evaluate resumes it.
   """
-  return results_lib.finished_results(os.path.join(folder, stage),
-                                      num_epochs) is not None
+  return (
+    results_lib.finished_results(os.path.join(folder, stage), num_epochs)
+    is not None
+  )
 
 
 class _StopBetweenRuns(Exception):
@@ -232,17 +273,20 @@ class _StopOnSignal:
   """
 
   def __enter__(self):
-    self._previous = {sig: signal.signal(sig, self._handle)
-                      for sig in (signal.SIGTERM, signal.SIGINT)}
+    self._previous = {
+      sig: signal.signal(sig, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     return self
 
   def _handle(self, signum, frame):
     del frame
     raise _StopBetweenRuns(
-        f"{signal.Signals(signum).name} received between training stages: "
-        "finished runs are kept and an interrupted one resumes from its last "
-        "checkpoint. Rerun the same command with the same --workdir to "
-        "continue.")
+      f"{signal.Signals(signum).name} received between training stages: "
+      "finished runs are kept and an interrupted one resumes from its last "
+      "checkpoint. Rerun the same command with the same --workdir to "
+      "continue."
+    )
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -254,8 +298,12 @@ def _say(message: str, *args) -> None:
   print(message % args, flush=True)
 
 
-def run_comparison(config: ml_collections.ConfigDict, workdir: str,
-                   methods: Sequence[str], num_seeds: int) -> dict[str, Any]:
+def run_comparison(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  methods: Sequence[str],
+  num_seeds: int,
+) -> dict[str, Any]:
   """Trains (or resumes, or skips) every teacher and run; builds the report.
 
   Returns:
@@ -281,14 +329,22 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str,
       if _finished(folder, "teacher", teacher_epochs):
         _say("teacher seed%d: skipped (finished)", run.seed_index)
       else:
-        _say("teacher seed%d: training (ce, %d epochs) in %s",
-             run.seed_index, teacher_epochs, folder)
+        _say(
+          "teacher seed%d: training (ce, %d epochs) in %s",
+          run.seed_index,
+          teacher_epochs,
+          folder,
+        )
         start = time.monotonic()
         results = train.train_and_evaluate(
-            teacher_config(config, run.seed), folder, teacher_only=True)
-        _say("teacher seed%d: done in %.0fs, last test top-1 error %.2f%%",
-             run.seed_index, time.monotonic() - start,
-             results["last"]["top1_err"])
+          teacher_config(config, run.seed), folder, teacher_only=True
+        )
+        _say(
+          "teacher seed%d: done in %.0fs, last test top-1 error %.2f%%",
+          run.seed_index,
+          time.monotonic() - start,
+          results["last"]["top1_err"],
+        )
       done_teachers.add(teacher)
     folder = os.path.join(workdir, run.workdir)
     name = f"{run.method} seed{run.seed_index}"
@@ -300,16 +356,21 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str,
     start = time.monotonic()
     try:
       results = train.train_and_evaluate(
-          student_config(config, run, workdir), folder)
+        student_config(config, run, workdir), folder
+      )
     except train.NonFiniteLossError as error:
       # A diverged method is a result too; the other runs still go ahead.
       logging.error("%s: %s", name, error)
       print(f"{name}: failed: {error}", flush=True)
       outcome["failed"][run.workdir] = str(error)
       continue
-    _say("%s: done in %.0fs, last test top-1 error %.2f%%, best %.2f%%",
-         name, time.monotonic() - start, results["last"]["top1_err"],
-         results["best"]["top1_err"])
+    _say(
+      "%s: done in %.0fs, last test top-1 error %.2f%%, best %.2f%%",
+      name,
+      time.monotonic() - start,
+      results["last"]["top1_err"],
+      results["best"]["top1_err"],
+    )
     outcome["trained"].append(run.workdir)
   try:
     outcome["report"] = report_lib.build_report(workdir)
@@ -318,8 +379,12 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str,
   return outcome
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
-        methods: Sequence[str], num_seeds: int) -> int:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  methods: Sequence[str],
+  num_seeds: int,
+) -> int:
   """run_comparison with cli.py's exit statuses and messages."""
   try:
     with _StopOnSignal():
@@ -332,26 +397,41 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     return cli.input_error_status(error)
   report = outcome["report"]
   if report:
-    print(f"Report: {report['markdown']} and {report['csv']}; figures in "
-          f"{report['report_dir']}", flush=True)
+    print(
+      f"Report: {report['markdown']} and {report['csv']}; figures in "
+      f"{report['report_dir']}",
+      flush=True,
+    )
   if outcome["failed"]:
-    print("error: the loss became non-finite in "
-          f"{', '.join(outcome['failed'])}; the report leaves them out.",
-          flush=True)
+    print(
+      "error: the loss became non-finite in "
+      f"{', '.join(outcome['failed'])}; the report leaves them out.",
+      flush=True,
+    )
     return 3
   return 0
 
 
 def _define_flags() -> None:
-  flags.DEFINE_string("workdir", None, "Directory of the comparison; rerun "
-                      "with the same one to resume.")
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory of the comparison; rerun with the same one to resume.",
+  )
   config_flags.DEFINE_config_file(
-      "config", None, "Training config file; its method field is ignored "
-      "(see --methods).", lock_config=True)
-  flags.DEFINE_list("methods", "ce,ls,tf_kd,ps_kd,ai_kd",
-                    "Comma-separated presets of aikd_jax/objective.py.")
-  flags.DEFINE_integer("seeds", 1, "How many seeds: config.seed, "
-                       "config.seed + 1, ...")
+    "config",
+    None,
+    "Training config file; its method field is ignored (see --methods).",
+    lock_config=True,
+  )
+  flags.DEFINE_list(
+    "methods",
+    "ce,ls,tf_kd,ps_kd,ai_kd",
+    "Comma-separated presets of aikd_jax/objective.py.",
+  )
+  flags.DEFINE_integer(
+    "seeds", 1, "How many seeds: config.seed, config.seed + 1, ..."
+  )
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -359,8 +439,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   data_lib.hide_accelerators_from_tensorflow()
-  sys.exit(run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.methods,
-               flags.FLAGS.seeds))
+  sys.exit(
+    run(
+      flags.FLAGS.config,
+      flags.FLAGS.workdir,
+      flags.FLAGS.methods,
+      flags.FLAGS.seeds,
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -17,16 +17,16 @@ dataset, e.g. on a connected machine, for copying to one that is not.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
 
-KNOWN_DATASETS = ('digits', 'cifar10', 'cifar100')
-FOLDER_PREFIX = 'folder:'
+KNOWN_DATASETS = ("digits", "cifar10", "cifar100")
+FOLDER_PREFIX = "folder:"
 
 # The source modules import this one (for Dataset and the error), so they are
 # imported where used; that also keeps TFDS out of `import aikd_jax.data`.
@@ -60,34 +60,33 @@ class Dataset:
 
   def __post_init__(self):
     for split, images, labels in (
-        ('train', self.train_images, self.train_labels),
-        ('test', self.test_images, self.test_labels),
+      ("train", self.train_images, self.train_labels),
+      ("test", self.test_images, self.test_labels),
     ):
       if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(
-            f'{self.name}: {split} images must be uint8 [N, H, W, C], got '
-            f'{images.dtype} {images.shape}.'
+          f"{self.name}: {split} images must be uint8 [N, H, W, C], got "
+          f"{images.dtype} {images.shape}."
         )
       if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
         raise ValueError(
-            f'{self.name}: {split} labels must be int32 [{images.shape[0]}], '
-            f'got {labels.dtype} {labels.shape}.'
+          f"{self.name}: {split} labels must be int32 [{images.shape[0]}], "
+          f"got {labels.dtype} {labels.shape}."
         )
       if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
         raise ValueError(
-            f'{self.name}: {split} labels span [{labels.min()}, '
-            f'{labels.max()}], outside [0, {self.num_classes}).'
+          f"{self.name}: {split} labels span [{labels.min()}, "
+          f"{labels.max()}], outside [0, {self.num_classes})."
         )
     if self.train_images.shape[1:] != self.test_images.shape[1:]:
       raise ValueError(
-          f'{self.name}: train images are {self.train_images.shape[1:]} but '
-          f'test images are {self.test_images.shape[1:]}.'
+        f"{self.name}: train images are {self.train_images.shape[1:]} but "
+        f"test images are {self.test_images.shape[1:]}."
       )
     names = self.class_names
     if names is not None and len(names) != self.num_classes:
       raise ValueError(
-          f'{self.name}: {len(names)} class names for '
-          f'{self.num_classes} classes.'
+        f"{self.name}: {len(names)} class names for {self.num_classes} classes."
       )
 
   @property
@@ -105,7 +104,7 @@ class Dataset:
 
 
 def check_dataset_available(
-    name: str, data_dir: str | None = None, *, download: bool = True
+  name: str, data_dir: str | None = None, *, download: bool = True
 ) -> None:
   """Checks, without loading anything, that `load_dataset` can succeed.
 
@@ -124,21 +123,23 @@ def check_dataset_available(
     DatasetUnavailableError: the data is missing and cannot be fetched.
   """
   kind, arg = _parse_name(name)
-  if kind == 'folder':
+  if kind == "folder":
     from aikd_jax import folder_data  # pylint: disable=g-import-not-at-top
+
     folder_data.check_layout(arg)
-  elif kind == 'tfds':
+  elif kind == "tfds":
     from aikd_jax import tfds_data  # pylint: disable=g-import-not-at-top
+
     tfds_data.check_available(arg, data_dir, download)
 
 
 def load_dataset(
-    name: str,
-    data_dir: str | None = None,
-    *,
-    download: bool = True,
-    split_seed: int = 0,
-    image_size: int | None = None,
+  name: str,
+  data_dir: str | None = None,
+  *,
+  download: bool = True,
+  split_seed: int = 0,
+  image_size: int | None = None,
 ) -> Dataset:
   """Loads a whole dataset into host memory.
 
@@ -164,36 +165,36 @@ def load_dataset(
 
   kind, arg = _parse_name(name)
   if image_size is not None and image_size <= 0:
-    raise ValueError(f'image_size must be positive, got {image_size}.')
+    raise ValueError(f"image_size must be positive, got {image_size}.")
   start = time.monotonic()
-  if kind == 'digits':
+  if kind == "digits":
     dataset = _load_digits(split_seed)
-  elif kind == 'folder':
+  elif kind == "folder":
     dataset = folder_data.load(name, arg, split_seed, image_size)
   else:
     from aikd_jax import tfds_data  # pylint: disable=g-import-not-at-top
+
     dataset = tfds_data.load(arg, data_dir, download)
   if image_size is not None and dataset.image_shape[:2] != (image_size,) * 2:
     dataset = dataclasses.replace(
-        dataset,
-        train_images=folder_data.resize_all(dataset.train_images, image_size),
-        test_images=folder_data.resize_all(dataset.test_images, image_size),
+      dataset,
+      train_images=folder_data.resize_all(dataset.train_images, image_size),
+      test_images=folder_data.resize_all(dataset.test_images, image_size),
     )
   logging.info(
-      'Loaded %s: %d train + %d test images of shape %s, %d classes, in '
-      '%.2f s.',
-      dataset.name,
-      dataset.num_train,
-      dataset.num_test,
-      dataset.image_shape,
-      dataset.num_classes,
-      time.monotonic() - start,
+    "Loaded %s: %d train + %d test images of shape %s, %d classes, in %.2f s.",
+    dataset.name,
+    dataset.num_train,
+    dataset.num_test,
+    dataset.image_shape,
+    dataset.num_classes,
+    time.monotonic() - start,
   )
   return dataset
 
 
 def channel_stats(
-    images: np.ndarray,
+  images: np.ndarray,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel mean and standard deviation of uint8 images scaled to [0, 1].
 
@@ -209,10 +210,10 @@ def channel_stats(
   """
   images = np.asarray(images)
   if images.dtype != np.uint8:
-    raise ValueError(f'channel_stats expects uint8 images, got {images.dtype}.')
+    raise ValueError(f"channel_stats expects uint8 images, got {images.dtype}.")
   flat = images.reshape(-1, images.shape[-1])
   if not flat.shape[0]:
-    raise ValueError('channel_stats needs at least one pixel.')
+    raise ValueError("channel_stats needs at least one pixel.")
   # A histogram per channel gives exact sums (no float round-off) without
   # materialising a wider copy of the images.
   levels = np.arange(256, dtype=np.float64)
@@ -236,7 +237,7 @@ def hide_accelerators_from_tensorflow() -> None:
   except ImportError:
     return
 
-  for kind in ('GPU', 'TPU'):
+  for kind in ("GPU", "TPU"):
     try:
       tf.config.set_visible_devices([], kind)
     except (RuntimeError, ValueError):
@@ -246,43 +247,45 @@ def hide_accelerators_from_tensorflow() -> None:
 def _parse_name(name: str) -> tuple[str, str]:
   """Returns ('digits', ''), ('tfds', name) or ('folder', path)."""
   if not isinstance(name, str):
-    raise ValueError(f'Dataset name must be a string, got {name!r}.')
+    raise ValueError(f"Dataset name must be a string, got {name!r}.")
   if name.startswith(FOLDER_PREFIX):
-    path = name[len(FOLDER_PREFIX):].strip()
+    path = name[len(FOLDER_PREFIX) :].strip()
     if not path:
       raise ValueError(
-          f'{name!r}: the folder: syntax needs a path, e.g. folder:/data/pets.'
+        f"{name!r}: the folder: syntax needs a path, e.g. folder:/data/pets."
       )
-    return 'folder', os.path.abspath(os.path.expanduser(path))
-  if name == 'digits':
-    return 'digits', ''
+    return "folder", os.path.abspath(os.path.expanduser(path))
+  if name == "digits":
+    return "digits", ""
   if name in KNOWN_DATASETS:
-    return 'tfds', name
+    return "tfds", name
   raise ValueError(
-      f'Unknown dataset {name!r}. Known datasets: {", ".join(KNOWN_DATASETS)};'
-      ' or folder:/path/to/root with root/train/<class>/<image> (and '
-      'optionally root/test/<class>/<image>).'
+    f"Unknown dataset {name!r}. Known datasets: {', '.join(KNOWN_DATASETS)};"
+    " or folder:/path/to/root with root/train/<class>/<image> (and "
+    "optionally root/test/<class>/<image>)."
   )
 
 
 def _load_digits(split_seed: int) -> Dataset:
   """Scaled to 0..255 and split 80/20, stratified and seeded."""
   from sklearn import datasets as sk_datasets
+
   from aikd_jax import folder_data  # pylint: disable=g-import-not-at-top
 
   digits = sk_datasets.load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int32)
   train, test = folder_data.stratified_split(
-      labels, folder_data.TEST_FRACTION, split_seed)
+    labels, folder_data.TEST_FRACTION, split_seed
+  )
   return Dataset(
-      name='digits',
-      train_images=images[train],
-      train_labels=labels[train],
-      test_images=images[test],
-      test_labels=labels[test],
-      num_classes=10,
-      class_names=tuple(str(c) for c in range(10)),
+    name="digits",
+    train_images=images[train],
+    train_labels=labels[train],
+    test_images=images[test],
+    test_labels=labels[test],
+    num_classes=10,
+    class_names=tuple(str(c) for c in range(10)),
   )
 
 
@@ -295,19 +298,21 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   dataset = load_dataset(
-      flags.FLAGS.dataset, flags.FLAGS.data_dir, download=True
+    flags.FLAGS.dataset, flags.FLAGS.data_dir, download=True
   )
   mean, std = channel_stats(dataset.train_images)
-  print(f'{dataset.name}: train {dataset.train_images.shape}, test '
-        f'{dataset.test_images.shape}, {dataset.num_classes} classes; '
-        f'channel mean {np.round(mean, 4).tolist()}, '
-        f'std {np.round(std, 4).tolist()}')
+  print(
+    f"{dataset.name}: train {dataset.train_images.shape}, test "
+    f"{dataset.test_images.shape}, {dataset.num_classes} classes; "
+    f"channel mean {np.round(mean, 4).tolist()}, "
+    f"std {np.round(std, 4).tolist()}"
+  )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
 
-  absl_flags.DEFINE_string('dataset', 'cifar100', 'Dataset name.')
-  absl_flags.DEFINE_string('data_dir', None, 'TFDS data directory.')
+  absl_flags.DEFINE_string("dataset", "cifar100", "Dataset name.")
+  absl_flags.DEFINE_string("data_dir", None, "TFDS data directory.")
   app.run(main)

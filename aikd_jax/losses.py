@@ -1,4 +1,4 @@
-"""Per-example losses of the AI-KD objective (see docs/method.md, "The objective").
+"""Per-example losses of the AI-KD objective (docs/method.md, "The objective").
 
 Every function is pure and jit-able and returns one value per example (shape
 [B]); the training step takes the batch means and combines them with the
@@ -38,11 +38,11 @@ def alpha_at(epoch: Scalar, alpha_T: Scalar, num_epochs: Scalar) -> Scalar:
 
 
 def progressive_targets(
-    labels: jax.Array,
-    prev_probs: jax.Array,
-    alpha: Scalar,
-    num_classes: int,
-    label_smoothing: float = 0.0,
+  labels: jax.Array,
+  prev_probs: jax.Array,
+  alpha: Scalar,
+  num_classes: int,
+  label_smoothing: float = 0.0,
 ) -> jax.Array:
   """Soft targets t = (1 - alpha) * ybar + alpha * P[id] (PS-KD).
 
@@ -84,9 +84,9 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def distillation_kl(
-    student_logits: jax.Array,
-    teacher_logits: jax.Array,
-    temperature: Scalar,
+  student_logits: jax.Array,
+  teacher_logits: jax.Array,
+  temperature: Scalar,
 ) -> jax.Array:
   """tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)).
 
@@ -106,18 +106,19 @@ def distillation_kl(
   """
   temperature = jnp.asarray(temperature, jnp.float32)
   student_log_probs = jax.nn.log_softmax(
-      student_logits.astype(jnp.float32) / temperature, axis=-1)
+    student_logits.astype(jnp.float32) / temperature, axis=-1
+  )
   teacher_log_probs = jax.nn.log_softmax(
-      teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    teacher_logits.astype(jnp.float32) / temperature, axis=-1
+  )
   teacher_probs = jnp.exp(teacher_log_probs)
   positive = teacher_probs > 0
   # Substitute a finite value where p = 0 so that neither branch of the
   # `where` produces inf/NaN (a NaN in the unused branch still poisons grads).
   safe_teacher_log_probs = jnp.where(positive, teacher_log_probs, 0.0)
   pointwise = jnp.where(
-      positive,
-      teacher_probs * (safe_teacher_log_probs - student_log_probs),
-      0.0)
+    positive, teacher_probs * (safe_teacher_log_probs - student_log_probs), 0.0
+  )
   return temperature**2 * jnp.sum(pointwise, axis=-1)
 
 
@@ -127,13 +128,14 @@ def _per_example(logits: jax.Array) -> jax.Array:
     logits = logits[:, 0]
   if logits.ndim != 1:
     raise ValueError(
-        f"discriminator logits must have shape [B] or [B, 1], got "
-        f"{logits.shape}")
+      f"discriminator logits must have shape [B] or [B, 1], got {logits.shape}"
+    )
   return logits.astype(jnp.float32)
 
 
 def discriminator_loss(
-    real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+  real_logits: jax.Array, fake_logits: jax.Array
+) -> jax.Array:
   """Binary cross-entropy of the discriminator: real = pre-trained model.
 
   softplus(-D(real)) + softplus(D(fake)) equals

@@ -14,24 +14,28 @@ import numpy as np
 
 
 def _as_1d_pair(
-    confidences: Any, correct: Any) -> tuple[np.ndarray, np.ndarray]:
+  confidences: Any, correct: Any
+) -> tuple[np.ndarray, np.ndarray]:
   """Validates and converts the (confidence, correct) inputs of the helpers."""
   confidences = np.asarray(confidences, dtype=np.float64)
   correct = np.asarray(correct).astype(bool)
   if confidences.ndim != 1 or correct.shape != confidences.shape:
     raise ValueError(
-        f"confidences and correct must be 1-D of the same length, got "
-        f"shapes {confidences.shape} and {correct.shape}")
+      f"confidences and correct must be 1-D of the same length, got "
+      f"shapes {confidences.shape} and {correct.shape}"
+    )
   if confidences.size == 0:
     raise ValueError("need at least one example")
   if not np.all((confidences >= 0) & (confidences <= 1)):
-    raise ValueError("confidences must lie in [0, 1] (max softmax "
-                     "probabilities)")
+    raise ValueError(
+      "confidences must lie in [0, 1] (max softmax probabilities)"
+    )
   return confidences, correct
 
 
 def expected_calibration_error(
-    confidences: Any, correct: Any, num_bins: int = 10) -> float:
+  confidences: Any, correct: Any, num_bins: int = 10
+) -> float:
   """ECE over `num_bins` equal-width bins of the confidence, in percent.
 
   Bins are half-open (lower, upper] as in PS-KD's code; a confidence of
@@ -46,23 +50,29 @@ def expected_calibration_error(
     100 * sum_b |acc_b - conf_b| * n_b / n.
   """
   confidences, correct = _as_1d_pair(confidences, correct)
-  _, correct_per_bin, confidence_per_bin = _bin_sums(confidences, correct,
-                                                     num_bins)
+  _, correct_per_bin, confidence_per_bin = _bin_sums(
+    confidences, correct, num_bins
+  )
   # |acc_b - conf_b| * n_b = |sum_b correct - sum_b confidence|.
   gap = np.abs(correct_per_bin - confidence_per_bin).sum()
   return float(100.0 * gap / confidences.size)
 
 
-def _bin_sums(confidences: np.ndarray, correct: np.ndarray,
-              num_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _bin_sums(
+  confidences: np.ndarray, correct: np.ndarray, num_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Each example's bin, and per-bin sums of correctness and confidence."""
   # k / num_bins is the float nearest to each edge, so e.g. a confidence of
   # exactly 0.3 lands in (0.2, 0.3] as intended.
   edges = np.arange(num_bins + 1) / num_bins
   bins = np.clip(
-      np.searchsorted(edges, confidences, side="left") - 1, 0, num_bins - 1)
-  return (bins, np.bincount(bins, weights=correct, minlength=num_bins),
-          np.bincount(bins, weights=confidences, minlength=num_bins))
+    np.searchsorted(edges, confidences, side="left") - 1, 0, num_bins - 1
+  )
+  return (
+    bins,
+    np.bincount(bins, weights=correct, minlength=num_bins),
+    np.bincount(bins, weights=confidences, minlength=num_bins),
+  )
 
 
 def aurc_eaurc(confidences: Any, correct: Any) -> tuple[float, float]:
@@ -107,16 +117,20 @@ def _score(logits: Any, labels: Any) -> dict[str, np.ndarray]:
   n, num_classes = logits.shape
   if labels.shape[0] != n:
     raise ValueError(
-        f"logits have {n} rows but labels have {labels.shape[0]} entries")
+      f"logits have {n} rows but labels have {labels.shape[0]} entries"
+    )
   if n == 0 or num_classes == 0:
-    raise ValueError(f"need at least one example and one class, got logits "
-                     f"of shape {logits.shape}")
+    raise ValueError(
+      f"need at least one example and one class, got logits "
+      f"of shape {logits.shape}"
+    )
   if not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
   if labels.min() < 0 or labels.max() >= num_classes:
     raise ValueError(
-        f"labels must lie in [0, {num_classes}), got values in "
-        f"[{labels.min()}, {labels.max()}]")
+      f"labels must lie in [0, {num_classes}), got values in "
+      f"[{labels.min()}, {labels.max()}]"
+    )
   logits = logits.astype(np.float64)
   if not np.all(np.isfinite(logits)):
     raise ValueError("logits contain NaN or inf (did training diverge?)")
@@ -132,12 +146,17 @@ def _score(logits: Any, labels: Any) -> dict[str, np.ndarray]:
   class_index = np.arange(num_classes)
   # Rank of the true class: classes strictly above it, plus lower-index
   # classes tied with it.
-  rank = np.sum((logits > label_logit)
-                | ((logits == label_logit) & (class_index < labels[:, None])),
-                axis=1)
-  return {"confidences": confidences, "correct": rank == 0,
-          "top5_correct": rank < min(5, num_classes),
-          "label_log_prob": label_log_prob}
+  rank = np.sum(
+    (logits > label_logit)
+    | ((logits == label_logit) & (class_index < labels[:, None])),
+    axis=1,
+  )
+  return {
+    "confidences": confidences,
+    "correct": rank == 0,
+    "top5_correct": rank < min(5, num_classes),
+    "label_log_prob": label_log_prob,
+  }
 
 
 def classification_report(logits: Any, labels: Any) -> dict[str, float]:
@@ -156,26 +175,30 @@ def classification_report(logits: Any, labels: Any) -> dict[str, float]:
   confidences, correct = scores["confidences"], scores["correct"]
   aurc, eaurc = aurc_eaurc(confidences, correct)
   return {
-      "top1_err": float(100.0 * (1.0 - correct.mean())),
-      "top5_err": float(100.0 * (1.0 - scores["top5_correct"].mean())),
-      "nll": float(-scores["label_log_prob"].mean()),
-      "ece": expected_calibration_error(confidences, correct),
-      "aurc": aurc,
-      "eaurc": eaurc,
+    "top1_err": float(100.0 * (1.0 - correct.mean())),
+    "top5_err": float(100.0 * (1.0 - scores["top5_correct"].mean())),
+    "nll": float(-scores["label_log_prob"].mean()),
+    "ece": expected_calibration_error(confidences, correct),
+    "aurc": aurc,
+    "eaurc": eaurc,
   }
 
 
-def reliability_diagram(logits: Any, labels: Any,
-                        num_bins: int = 10) -> dict[str, list[float]]:
-  """Per-bin counts, accuracy and mean confidence: what a reliability plot draws.
+def reliability_diagram(
+  logits: Any, labels: Any, num_bins: int = 10
+) -> dict[str, list[float]]:
+  """Per-bin counts, accuracy and mean confidence, as a reliability plot draws.
 
   Uses the same (lower, upper] bins as the ECE; empty bins report 0.
   """
   scores = _score(logits, labels)
   bins, correct_sum, confidence_sum = _bin_sums(
-      *_as_1d_pair(scores["confidences"], scores["correct"]), num_bins)
+    *_as_1d_pair(scores["confidences"], scores["correct"]), num_bins
+  )
   counts = np.bincount(bins, minlength=num_bins)
   safe = np.maximum(counts, 1)
-  return {"counts": counts.tolist(),
-          "accuracy": (correct_sum / safe).tolist(),
-          "confidence": (confidence_sum / safe).tolist()}
+  return {
+    "counts": counts.tolist(),
+    "accuracy": (correct_sum / safe).tolist(),
+    "confidence": (confidence_sum / safe).tolist(),
+  }

@@ -20,15 +20,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-MODEL_NAMES = ('preact_resnet18', 'tiny_cnn')
+MODEL_NAMES = ("preact_resnet18", "tiny_cnn")
 
-_COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # PyTorch's Conv2d/Linear default is kaiming_uniform_(a=sqrt(5)): a uniform
 # distribution with bound sqrt(6 / ((1 + a^2) * fan_in)) = 1 / sqrt(fan_in),
 # i.e. variance 1 / (3 * fan_in). Flax's lecun_normal default would train
 # differently from PS-KD's code, so we match PyTorch instead.
-torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+torch_kernel_init = nn.initializers.variance_scaling(
+  1.0 / 3.0, "fan_in", "uniform"
+)
 
 # PyTorch's 3x3 convs use padding=1. Written out explicitly because Flax's
 # 'SAME' pads (0, 1) for stride 2, which shifts the sampling grid by a pixel.
@@ -39,7 +41,9 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
   """PyTorch's Linear bias default: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / math.sqrt(fan_in)
 
-  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+  def init(
+    key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32
+  ) -> jax.Array:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
@@ -60,46 +64,53 @@ def compute_dtype(name: Any) -> jnp.dtype:
       key = None
   if key not in _COMPUTE_DTYPES:
     raise ValueError(
-        f'Unknown compute dtype {name!r}; use one of {sorted(_COMPUTE_DTYPES)}.')
+      f"Unknown compute dtype {name!r}; use one of {sorted(_COMPUTE_DTYPES)}."
+    )
   return jnp.dtype(_COMPUTE_DTYPES[key])
 
 
-def _batch_norm(train: bool, dtype: Any, axis_name: str | None,
-                name: str | None = None) -> nn.BatchNorm:
+def _batch_norm(
+  train: bool, dtype: Any, axis_name: str | None, name: str | None = None
+) -> nn.BatchNorm:
   """BatchNorm with PyTorch's momentum (0.1 = Flax 0.9) and epsilon (1e-5)."""
   return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      axis_name=axis_name,
-      name=name)
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    axis_name=axis_name,
+    name=name,
+  )
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(
+  features: int, kernel: int, stride: int, dtype: Any, name: str
+) -> nn.Conv:
   """A bias-free conv with PyTorch's padding and initialiser."""
   return nn.Conv(
-      features,
-      (kernel, kernel),
-      strides=(stride, stride),
-      padding=_PAD_3X3 if kernel == 3 else 'VALID',
-      use_bias=False,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=torch_kernel_init,
-      name=name)
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=_PAD_3X3 if kernel == 3 else "VALID",
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=torch_kernel_init,
+    name=name,
+  )
 
 
 def _dense(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
   """nn.Dense with PyTorch Linear's default initialisers."""
   return nn.Dense(
-      features,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=torch_kernel_init,
-      bias_init=torch_bias_init(fan_in),
-      name=name)
+    features,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=torch_kernel_init,
+    bias_init=torch_bias_init(fan_in),
+    name=name,
+  )
 
 
 class PreActBlock(nn.Module):
@@ -108,6 +119,7 @@ class PreActBlock(nn.Module):
   Quirk kept on purpose: without downsampling the shortcut is
   `relu(bn1(x))`, not `x`, exactly as PS-KD's code computes it.
   """
+
   features: int
   stride: int = 1
   dtype: Any = jnp.float32
@@ -115,46 +127,53 @@ class PreActBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, 'bn1')(x))
+    out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = _conv(self.features, 1, self.stride, self.dtype, 'shortcut')(out)
+      shortcut = _conv(self.features, 1, self.stride, self.dtype, "shortcut")(
+        out
+      )
     else:
       shortcut = out
-    h = _conv(self.features, 3, self.stride, self.dtype, 'conv1')(out)
-    h = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, 'bn2')(h))
-    h = _conv(self.features, 3, 1, self.dtype, 'conv2')(h)
+    h = _conv(self.features, 3, self.stride, self.dtype, "conv1")(out)
+    h = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn2")(h))
+    h = _conv(self.features, 3, 1, self.dtype, "conv2")(h)
     return h + shortcut
 
 
 class PreActResNet18(nn.Module):
   """PS-KD's `CIFAR_ResNet18_preActBasic` (about 11.2M parameters, C=100)."""
+
   num_classes: int
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Args: x [B, H, W, C] normalised images (C = 1 or 3). Returns float32 [B, classes]."""
+    """x [B, H, W, C] normalised images (C = 1 or 3) -> float32 [B, classes]."""
     x = x.astype(self.dtype)
-    x = _conv(64, 3, 1, self.dtype, 'stem_conv')(x)
-    x = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, 'stem_bn')(x))
-    for stage, (features, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2))):
+    x = _conv(64, 3, 1, self.dtype, "stem_conv")(x)
+    x = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "stem_bn")(x))
+    for stage, (features, stride) in enumerate(
+      zip((64, 128, 256, 512), (1, 2, 2, 2))
+    ):
       for block in range(2):
         x = PreActBlock(
-            features,
-            stride if block == 0 else 1,
-            dtype=self.dtype,
-            bn_axis_name=self.bn_axis_name,
-            name=f'stage{stage + 1}_block{block + 1}')(x, train)
+          features,
+          stride if block == 0 else 1,
+          dtype=self.dtype,
+          bn_axis_name=self.bn_axis_name,
+          name=f"stage{stage + 1}_block{block + 1}",
+        )(x, train)
     # PS-KD pools the final 4x4 map with no BN-ReLU before it; a mean over
     # H, W is the same pool and also works for other input sizes.
     x = jnp.mean(x, axis=(1, 2))
-    x = _dense(self.num_classes, x.shape[-1], self.dtype, 'head')(x)
+    x = _dense(self.num_classes, x.shape[-1], self.dtype, "head")(x)
     return x.astype(jnp.float32)
 
 
 class TinyCNN(nn.Module):
-  """A small CNN with BatchNorm, for tests and small data (8x8 digits, mocks)."""
+  """A small CNN with BatchNorm, for tests and small data (8x8 digits)."""
+
   num_classes: int
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
@@ -163,12 +182,12 @@ class TinyCNN(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Args: x [B, H, W, C] normalised images. Returns float32 [B, classes]."""
     x = x.astype(self.dtype)
-    x = _conv(16, 3, 1, self.dtype, 'conv1')(x)
-    x = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, 'bn1')(x))
-    x = _conv(32, 3, 2, self.dtype, 'conv2')(x)
-    x = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, 'bn2')(x))
+    x = _conv(16, 3, 1, self.dtype, "conv1")(x)
+    x = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(x))
+    x = _conv(32, 3, 2, self.dtype, "conv2")(x)
+    x = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name, "bn2")(x))
     x = jnp.mean(x, axis=(1, 2))
-    x = _dense(self.num_classes, x.shape[-1], self.dtype, 'head')(x)
+    x = _dense(self.num_classes, x.shape[-1], self.dtype, "head")(x)
     return x.astype(jnp.float32)
 
 
@@ -177,6 +196,7 @@ class Discriminator(nn.Module):
 
   No BatchNorm, so real and fake batches are scored independently.
   """
+
   hidden: Sequence[int] = (256, 256)
   dtype: Any = jnp.float32
 
@@ -185,19 +205,28 @@ class Discriminator(nn.Module):
     """Args: probs [B, C] probabilities. Returns float32 logits [B]."""
     h = probs.astype(self.dtype)
     for i, width in enumerate(self.hidden):
-      h = _dense(width, h.shape[-1], self.dtype, f'hidden{i + 1}')(h)
+      h = _dense(width, h.shape[-1], self.dtype, f"hidden{i + 1}")(h)
       h = nn.leaky_relu(h, negative_slope=0.2)
-    h = _dense(1, h.shape[-1], self.dtype, 'out')(h)
+    h = _dense(1, h.shape[-1], self.dtype, "out")(h)
     return jnp.squeeze(h, axis=-1).astype(jnp.float32)
 
 
-_MODELS = {'preact_resnet18': PreActResNet18, 'tiny_cnn': TinyCNN}
+_MODELS = {"preact_resnet18": PreActResNet18, "tiny_cnn": TinyCNN}
 
 
-def create_model(name: str, num_classes: int, dtype: Any = jnp.float32,
-                 bn_axis_name: str | None = None) -> nn.Module:
-  """Builds a classifier by config name; `dtype` may be a string ('bfloat16')."""
+def create_model(
+  name: str,
+  num_classes: int,
+  dtype: Any = jnp.float32,
+  bn_axis_name: str | None = None,
+) -> nn.Module:
+  """Builds a classifier by config name; `dtype` may be a string."""
   if name not in _MODELS:
-    raise ValueError(f'Unknown model {name!r}; known models: {", ".join(MODEL_NAMES)}.')
+    raise ValueError(
+      f"Unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}."
+    )
   return _MODELS[name](
-      num_classes=num_classes, dtype=compute_dtype(dtype), bn_axis_name=bn_axis_name)
+    num_classes=num_classes,
+    dtype=compute_dtype(dtype),
+    bn_axis_name=bn_axis_name,
+  )

@@ -70,20 +70,24 @@ class Objective:
       raise ValueError(f"alpha_T must lie in [0, 1], got {self.alpha_T}.")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(
-          f"label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
+        f"label_smoothing must lie in [0, 1), got {self.label_smoothing}."
+      )
     for name in ("lambda_det", "lambda_adv", "lambda_cls"):
       value = getattr(self, name)
       if value < 0:
         raise ValueError(f"{name} must be non-negative, got {value}.")
     if not self.temperature > 0:
-      raise ValueError(
-          f"temperature must be positive, got {self.temperature}.")
+      raise ValueError(f"temperature must be positive, got {self.temperature}.")
     if self.teacher_ramp_epochs < 0:
-      raise ValueError("teacher_ramp_epochs must be non-negative, got "
-                       f"{self.teacher_ramp_epochs}.")
+      raise ValueError(
+        "teacher_ramp_epochs must be non-negative, got "
+        f"{self.teacher_ramp_epochs}."
+      )
     if self.teacher_mode not in TEACHER_MODES:
-      raise ValueError(f"teacher_mode must be one of {TEACHER_MODES}, "
-                       f"got {self.teacher_mode!r}.")
+      raise ValueError(
+        f"teacher_mode must be one of {TEACHER_MODES}, "
+        f"got {self.teacher_mode!r}."
+      )
 
   def teacher_weight(self, step, steps_per_epoch: int):
     """The ramp factor in [0, 1] of the teacher's terms at `step` (0-based)."""
@@ -98,28 +102,35 @@ class Objective:
 # project's choices (README, "Defaults and their origin"); alpha_T = 0.8 is
 # PS-KD's.
 TEACHER_RAMP_EPOCHS = 5.0
-_AI_KD = dict(alpha_T=0.8, lambda_det=1.0, lambda_adv=0.1, temperature=4.0,
-              teacher_ramp_epochs=TEACHER_RAMP_EPOCHS)
+_AI_KD = dict(
+  alpha_T=0.8,
+  lambda_det=1.0,
+  lambda_adv=0.1,
+  temperature=4.0,
+  teacher_ramp_epochs=TEACHER_RAMP_EPOCHS,
+)
 PRESETS: Mapping[str, Mapping[str, Any]] = {
-    "ce": dict(),
-    "ls": dict(label_smoothing=0.1),
-    "tf_kd": dict(lambda_det=1.0, temperature=4.0,
-                  teacher_ramp_epochs=TEACHER_RAMP_EPOCHS),
-    "ps_kd": dict(alpha_T=0.8),
-    # CS-KD (Yun et al., 2020): lambda 1, tau 4 as its public code uses.
-    "cs_kd": dict(lambda_cls=1.0, temperature=4.0),
-    "ai_kd": _AI_KD,
-    "ai_kd_no_adv": {**_AI_KD, "lambda_adv": 0.0},
-    "ai_kd_no_det": {**_AI_KD, "lambda_det": 0.0},
-    "ai_kd_no_prog": {**_AI_KD, "alpha_T": 0.0},
-    "ai_kd_online": {**_AI_KD, "teacher_mode": "online"},
+  "ce": dict(),
+  "ls": dict(label_smoothing=0.1),
+  "tf_kd": dict(
+    lambda_det=1.0, temperature=4.0, teacher_ramp_epochs=TEACHER_RAMP_EPOCHS
+  ),
+  "ps_kd": dict(alpha_T=0.8),
+  # CS-KD (Yun et al., 2020): lambda 1, tau 4 as its public code uses.
+  "cs_kd": dict(lambda_cls=1.0, temperature=4.0),
+  "ai_kd": _AI_KD,
+  "ai_kd_no_adv": {**_AI_KD, "lambda_adv": 0.0},
+  "ai_kd_no_det": {**_AI_KD, "lambda_det": 0.0},
+  "ai_kd_no_prog": {**_AI_KD, "alpha_T": 0.0},
+  "ai_kd_online": {**_AI_KD, "teacher_mode": "online"},
 }
 METHODS = tuple(PRESETS)
 OVERRIDABLE_FIELDS = tuple(f.name for f in dataclasses.fields(Objective))
 
 
-def resolve_objective(method: str,
-                      overrides: Mapping[str, Any] | None = None) -> Objective:
+def resolve_objective(
+  method: str, overrides: Mapping[str, Any] | None = None
+) -> Objective:
   """The preset named `method`, with any non-None `overrides` applied.
 
   Raises:
@@ -127,12 +138,15 @@ def resolve_objective(method: str,
   """
   if method not in PRESETS:
     raise ValueError(
-        f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+      f"Unknown method {method!r}; choose one of {', '.join(METHODS)}."
+    )
   fields = dict(PRESETS[method])
   for name, value in (overrides or {}).items():
     if name not in OVERRIDABLE_FIELDS:
-      raise ValueError(f"Unknown objective field {name!r}; known fields: "
-                       f"{', '.join(OVERRIDABLE_FIELDS)}.")
+      raise ValueError(
+        f"Unknown objective field {name!r}; known fields: "
+        f"{', '.join(OVERRIDABLE_FIELDS)}."
+      )
     if value is not None:
       fields[name] = value
   objective = Objective(**fields)

@@ -8,9 +8,13 @@ import jax.numpy as jnp
 import optax
 
 
-def student_learning_rate(base_lr: float, decay_epochs: Sequence[int],
-                          decay_factor: float, steps_per_epoch: int,
-                          warmup_epochs: float = 0.0) -> optax.Schedule:
+def student_learning_rate(
+  base_lr: float,
+  decay_epochs: Sequence[int],
+  decay_factor: float,
+  steps_per_epoch: int,
+  warmup_epochs: float = 0.0,
+) -> optax.Schedule:
   """Step schedule given in epochs: lr x decay_factor at each listed epoch.
 
   With `warmup_epochs` > 0 the rate first grows linearly from base_lr / W to
@@ -21,14 +25,19 @@ def student_learning_rate(base_lr: float, decay_epochs: Sequence[int],
   warmup_steps = int(round(warmup_epochs * steps_per_epoch))
   if warmup_steps <= 0:
     return decayed
-  return lambda step: decayed(step) * jnp.minimum(
-      1.0, (step + 1) / warmup_steps)
+  return lambda step: (
+    decayed(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
+  )
 
 
-def student_optimizer(learning_rate: optax.Schedule, *, momentum: float,
-                      nesterov: bool, weight_decay: float,
-                      grad_clip_norm: float = 0.0
-                      ) -> optax.GradientTransformation:
+def student_optimizer(
+  learning_rate: optax.Schedule,
+  *,
+  momentum: float,
+  nesterov: bool,
+  weight_decay: float,
+  grad_clip_norm: float = 0.0,
+) -> optax.GradientTransformation:
   """SGD as PS-KD's PyTorch code runs it.
 
   Weight decay is coupled (added to the gradient before momentum, on every
@@ -38,16 +47,18 @@ def student_optimizer(learning_rate: optax.Schedule, *, momentum: float,
   gradient's global norm first, as torch.nn.utils.clip_grad_norm_ before
   the optimiser step would; 0 leaves the gradient as it is.
   """
-  clip = ([optax.clip_by_global_norm(grad_clip_norm)]
-          if grad_clip_norm > 0 else [])
+  clip = (
+    [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
+  )
   return optax.chain(
-      *clip,
-      optax.add_decayed_weights(weight_decay),
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+    *clip,
+    optax.add_decayed_weights(weight_decay),
+    optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   )
 
 
-def discriminator_optimizer(learning_rate: float, b1: float,
-                            b2: float) -> optax.GradientTransformation:
+def discriminator_optimizer(
+  learning_rate: float, b1: float, b2: float
+) -> optax.GradientTransformation:
   """Adam with GAN-style betas (b1 0.5)."""
   return optax.adam(learning_rate, b1=b1, b2=b2)

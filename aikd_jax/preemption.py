@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+import numpy as np
 
 
 class Preempted(Exception):
@@ -35,8 +35,10 @@ class SignalFlag:
     if self.received and exc_type is None:
       # A signal after the last step: everything is saved, but the caller
       # (say, a comparison about to start its next run) must still stop.
-      raise Preempted(f"{self.received} received after the last step; all "
-                      "results are saved. Rerun the same command to go on.")
+      raise Preempted(
+        f"{self.received} received after the last step; all "
+        "results are saved. Rerun the same command to go on."
+      )
 
   def stop_agreed(self, at_sync_point: bool) -> bool:
     """Whether every process stops after this step for a signal.
@@ -51,7 +53,8 @@ class SignalFlag:
     if not at_sync_point:
       return False
     flags = multihost_utils.process_allgather(
-        np.int32(self.received is not None))
+      np.int32(self.received is not None)
+    )
     if flags.any() and self.received is None:
       self.received = "a signal to another process"
     return bool(flags.any())

@@ -27,10 +27,12 @@ PEAK_METRICS = ("train/max_abs_logit",)
 @jax.jit
 def no_totals(metrics: dict) -> dict:
   """Empty epoch totals shaped like one step's metrics."""
-  return {"sum": jax.tree.map(jnp.zeros_like, metrics),
-          "peak": jax.tree.map(lambda v: jnp.full_like(v, -jnp.inf), metrics),
-          "bad_step": jnp.int32(NO_BAD_STEP),
-          "bad_values": jax.tree.map(jnp.zeros_like, metrics)}
+  return {
+    "sum": jax.tree.map(jnp.zeros_like, metrics),
+    "peak": jax.tree.map(lambda v: jnp.full_like(v, -jnp.inf), metrics),
+    "bad_step": jnp.int32(NO_BAD_STEP),
+    "bad_values": jax.tree.map(jnp.zeros_like, metrics),
+  }
 
 
 @jax.jit
@@ -41,21 +43,28 @@ def accumulate(totals: dict, metrics: dict, step: jax.Array) -> dict:
   read; and the first step at which any metric was not finite, with all of
   that step's values.
   """
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v))
-                              for v in jax.tree.leaves(metrics)]))
+  finite = jnp.all(
+    jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)])
+  )
   first_bad = ~finite & (totals["bad_step"] == NO_BAD_STEP)
-  return {"sum": jax.tree.map(jnp.add, totals["sum"], metrics),
-          "peak": jax.tree.map(jnp.maximum, totals["peak"], metrics),
-          "bad_step": jnp.where(first_bad, step, totals["bad_step"]),
-          "bad_values": jax.tree.map(
-              lambda old, new: jnp.where(first_bad, new, old),
-              totals["bad_values"], metrics)}
+  return {
+    "sum": jax.tree.map(jnp.add, totals["sum"], metrics),
+    "peak": jax.tree.map(jnp.maximum, totals["peak"], metrics),
+    "bad_step": jnp.where(first_bad, step, totals["bad_step"]),
+    "bad_values": jax.tree.map(
+      lambda old, new: jnp.where(first_bad, new, old),
+      totals["bad_values"],
+      metrics,
+    ),
+  }
 
 
 @jax.jit
 def reset_peaks(totals: dict) -> dict:
-  return {**totals, "peak": jax.tree.map(
-      lambda v: jnp.full_like(v, -jnp.inf), totals["peak"])}
+  return {
+    **totals,
+    "peak": jax.tree.map(lambda v: jnp.full_like(v, -jnp.inf), totals["peak"]),
+  }
 
 
 class NonFiniteStep(Exception):
@@ -90,23 +99,33 @@ class Progress:
   def restore(cls, saved: dict, mesh: jax.sharding.Mesh) -> Progress:
     """From a checkpoint's `progress` item; a checkpoint taken mid-epoch gets
     its device sums back bit for bit (float32 values survive JSON)."""
-    progress = cls(history=saved["history"], epoch_sums=saved["epoch_sums"],
-                   epoch_steps=saved["epoch_steps"],
-                   epoch_peaks=saved.get("epoch_peaks", {}))
+    progress = cls(
+      history=saved["history"],
+      epoch_sums=saved["epoch_sums"],
+      epoch_steps=saved["epoch_steps"],
+      epoch_peaks=saved.get("epoch_peaks", {}),
+    )
     if progress.epoch_steps:
       sums = {name: np.float32(v) for name, v in progress.epoch_sums.items()}
       progress.totals = jax.device_put(
-          {"sum": sums,
-           "peak": {name: np.float32(-np.inf) for name in sums},
-           "bad_step": np.int32(NO_BAD_STEP),
-           "bad_values": {name: np.float32(0) for name in sums}},
-          banks.replicated(mesh))
+        {
+          "sum": sums,
+          "peak": {name: np.float32(-np.inf) for name in sums},
+          "bad_step": np.int32(NO_BAD_STEP),
+          "bad_values": {name: np.float32(0) for name in sums},
+        },
+        banks.replicated(mesh),
+      )
     return progress
 
   def saved(self) -> dict:
     """The checkpoint's `progress` item (JSON)."""
-    return {"history": self.history, "epoch_sums": self.epoch_sums,
-            "epoch_steps": self.epoch_steps, "epoch_peaks": self.epoch_peaks}
+    return {
+      "history": self.history,
+      "epoch_sums": self.epoch_sums,
+      "epoch_steps": self.epoch_steps,
+      "epoch_peaks": self.epoch_peaks,
+    }
 
   def add(self, metrics: dict, step: int) -> None:
     """Adds step `step`'s metrics to the epoch's totals (no host sync)."""
@@ -126,18 +145,23 @@ class Progress:
     fetched = jax.device_get(self.totals)
     if fetched["bad_step"] != NO_BAD_STEP:
       raise NonFiniteStep(
-          int(fetched["bad_step"]),
-          {name: float(v) for name, v in fetched["bad_values"].items()})
+        int(fetched["bad_step"]),
+        {name: float(v) for name, v in fetched["bad_values"].items()},
+      )
     sums = {name: float(total) for name, total in fetched["sum"].items()}
-    peaks = {name: float(fetched["peak"][name]) for name in PEAK_METRICS
-             if name in sums}
+    peaks = {
+      name: float(fetched["peak"][name])
+      for name in PEAK_METRICS
+      if name in sums
+    }
     count = steps_in_epoch - self.epoch_steps
-    means = {name: (total - self.epoch_sums.get(name, 0.0)) / count
-             for name, total in sums.items()}
+    means = {
+      name: (total - self.epoch_sums.get(name, 0.0)) / count
+      for name, total in sums.items()
+    }
     self.epoch_sums, self.epoch_steps = sums, steps_in_epoch
     for name, value in peaks.items():
-      self.epoch_peaks[name] = max(value,
-                                   self.epoch_peaks.get(name, -np.inf))
+      self.epoch_peaks[name] = max(value, self.epoch_peaks.get(name, -np.inf))
     self.totals = reset_peaks(self.totals)
     return means | peaks
 
@@ -146,8 +170,12 @@ class Progress:
     count = max(self.epoch_steps, 1)
     train = {k: v / count for k, v in self.epoch_sums.items()}
     train.update(self.epoch_peaks)
-    entry = {"epoch": epoch, "train": train, "test": test,
-             "reliability": reliability}
+    entry = {
+      "epoch": epoch,
+      "train": train,
+      "test": test,
+      "reliability": reliability,
+    }
     self.history.append(entry)
     self.epoch_sums, self.epoch_steps, self.epoch_peaks = {}, 0, {}
     self.totals = None

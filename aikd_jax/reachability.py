@@ -21,19 +21,21 @@ def unreachable_reason(url: str) -> str | None:
   host, port = connection_target(url)
   if can_connect(host, port, CONNECT_TIMEOUT_S):
     return None
-  return (f'no connection to {host}:{port} within {CONNECT_TIMEOUT_S:g} s: '
-          'offline?')
+  return (
+    f"no connection to {host}:{port} within {CONNECT_TIMEOUT_S:g} s: offline?"
+  )
 
 
 def connection_target(url: str) -> tuple[str, int]:
   """The host and port a download of `url` connects to (its proxy, if any)."""
   parsed = urllib.parse.urlsplit(url)
-  host = parsed.hostname or ''
-  port = parsed.port or (443 if parsed.scheme == 'https' else 80)
+  host = parsed.hostname or ""
+  port = parsed.port or (443 if parsed.scheme == "https" else 80)
   proxy = urllib.request.getproxies().get(parsed.scheme)
   if proxy and not urllib.request.proxy_bypass(host):
     proxy_url = urllib.parse.urlsplit(
-        proxy if '://' in proxy else f'http://{proxy}')
+      proxy if "://" in proxy else f"http://{proxy}"
+    )
     if proxy_url.hostname:
       return proxy_url.hostname, proxy_url.port or 80
   return host, port

@@ -33,8 +33,9 @@ def read_json(path: str) -> Any | None:
     return json.load(f)
 
 
-def finished_results(stage_dir: str, num_epochs: int | None = None
-                     ) -> dict | None:
+def finished_results(
+  stage_dir: str, num_epochs: int | None = None
+) -> dict | None:
   """A stage's results if it finished (with at least `num_epochs` epochs).
 
   A stage whose num_epochs was extended since is not finished: training

@@ -19,14 +19,22 @@ import ml_collections
 from aikd_jax import data as data_lib
 from aikd_jax import models
 from aikd_jax import results as results_lib
-from aikd_jax.objective import OVERRIDABLE_FIELDS, Objective, resolve_objective
+from aikd_jax.objective import OVERRIDABLE_FIELDS
+from aikd_jax.objective import Objective
+from aikd_jax.objective import resolve_objective
 
 CONFIG_FILE = "config.json"
 # Fields that never change what is trained or how it is evaluated.
-RESULT_NEUTRAL_FIELDS = frozenset({
-    "log_every_steps", "eval_batch_size", "checkpoint_every_epochs",
-    "keep_checkpoints", "data_dir", "download",
-})
+RESULT_NEUTRAL_FIELDS = frozenset(
+  {
+    "log_every_steps",
+    "eval_batch_size",
+    "checkpoint_every_epochs",
+    "keep_checkpoints",
+    "data_dir",
+    "download",
+  }
+)
 # Fields that may grow between runs (checked against the progress made).
 EXTENDABLE_FIELDS = frozenset({"num_epochs", "teacher_num_epochs"})
 DTYPES = ("float32", "bfloat16")
@@ -37,9 +45,10 @@ class ConfigError(ValueError):
   """A config that cannot run, or that conflicts with the workdir's."""
 
 
-def objective_from_config(config: ml_collections.ConfigDict | dict
-                          ) -> Objective:
-  """The method's preset with the config's overrides (a saved dict works too)."""
+def objective_from_config(
+  config: ml_collections.ConfigDict | dict,
+) -> Objective:
+  """The method's preset with the config's overrides (or a saved dict's)."""
   overrides = {name: config.get(name) for name in OBJECTIVE_FIELDS}
   return resolve_objective(config.get("method"), overrides)
 
@@ -55,48 +64,68 @@ def validate(config: ml_collections.ConfigDict) -> Objective:
   except ValueError as error:
     raise ConfigError(str(error)) from None
   if config.model not in models.MODEL_NAMES:
-    raise ConfigError(f"Unknown model {config.model!r}; choose one of "
-                      f"{', '.join(models.MODEL_NAMES)}.")
-  if not (config.dataset in data_lib.KNOWN_DATASETS or
-          str(config.dataset).startswith(data_lib.FOLDER_PREFIX)):
     raise ConfigError(
-        f"Unknown dataset {config.dataset!r}; choose one of "
-        f"{', '.join(data_lib.KNOWN_DATASETS)} or "
-        f"{data_lib.FOLDER_PREFIX}/path/to/images.")
+      f"Unknown model {config.model!r}; choose one of "
+      f"{', '.join(models.MODEL_NAMES)}."
+    )
+  if not (
+    config.dataset in data_lib.KNOWN_DATASETS
+    or str(config.dataset).startswith(data_lib.FOLDER_PREFIX)
+  ):
+    raise ConfigError(
+      f"Unknown dataset {config.dataset!r}; choose one of "
+      f"{', '.join(data_lib.KNOWN_DATASETS)} or "
+      f"{data_lib.FOLDER_PREFIX}/path/to/images."
+    )
   for field in ("compute_dtype", "bank_dtype"):
     if config[field] not in DTYPES:
-      raise ConfigError(f"{field} must be one of {DTYPES}, "
-                        f"got {config[field]!r}.")
-  positive = ("num_epochs", "batch_size", "eval_batch_size",
-              "log_every_steps", "checkpoint_every_epochs", "keep_checkpoints")
+      raise ConfigError(
+        f"{field} must be one of {DTYPES}, got {config[field]!r}."
+      )
+  positive = (
+    "num_epochs",
+    "batch_size",
+    "eval_batch_size",
+    "log_every_steps",
+    "checkpoint_every_epochs",
+    "keep_checkpoints",
+  )
   for field in positive:
     if not config[field] > 0:
       raise ConfigError(f"{field} must be positive, got {config[field]}.")
   if config.teacher_num_epochs is not None and config.teacher_num_epochs <= 0:
-    raise ConfigError("teacher_num_epochs must be positive, got "
-                      f"{config.teacher_num_epochs}.")
+    raise ConfigError(
+      f"teacher_num_epochs must be positive, got {config.teacher_num_epochs}."
+    )
   for field in ("learning_rate", "disc_learning_rate"):
     if not config[field] > 0:
       raise ConfigError(f"{field} must be positive, got {config[field]}.")
-  for field in ("weight_decay", "crop_padding", "warmup_epochs",
-                "grad_clip_norm"):
+  for field in (
+    "weight_decay",
+    "crop_padding",
+    "warmup_epochs",
+    "grad_clip_norm",
+  ):
     if config[field] < 0:
       raise ConfigError(f"{field} must be non-negative, got {config[field]}.")
   devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % devices:
       raise ConfigError(
-          f"{field}={config[field]} is not divisible by the {devices} "
-          f"devices; use a multiple of {devices}.")
+        f"{field}={config[field]} is not divisible by the {devices} "
+        f"devices; use a multiple of {devices}."
+      )
   if len(config.mean) != len(config.std):
-    raise ConfigError("mean and std must have the same length (or both be "
-                      "empty to use the train split's statistics).")
+    raise ConfigError(
+      "mean and std must have the same length (or both be "
+      "empty to use the train split's statistics)."
+    )
   if any(s <= 0 for s in config.std):
     raise ConfigError(f"std must be positive, got {tuple(config.std)}.")
-  if config.teacher_checkpoint and not os.path.isdir(
-      config.teacher_checkpoint):
-    raise ConfigError(f"teacher_checkpoint {config.teacher_checkpoint!r} is "
-                      "not a directory.")
+  if config.teacher_checkpoint and not os.path.isdir(config.teacher_checkpoint):
+    raise ConfigError(
+      f"teacher_checkpoint {config.teacher_checkpoint!r} is not a directory."
+    )
   return objective
 
 
@@ -112,13 +141,17 @@ def check_workdir(workdir: str) -> None:
   while not os.path.exists(probe):
     probe = os.path.dirname(probe)
   if not os.path.isdir(probe):
-    raise ConfigError(f"--workdir {workdir!r} is not writable: it lies under "
-                      f"{probe!r}, which is a file, not a directory.")
+    raise ConfigError(
+      f"--workdir {workdir!r} is not writable: it lies under "
+      f"{probe!r}, which is a file, not a directory."
+    )
   try:
     os.rmdir(tempfile.mkdtemp(prefix=".aikd-write-test-", dir=probe))
   except OSError as error:
-    raise ConfigError(f"--workdir {workdir!r} is not writable: nothing can "
-                      f"be created in {probe!r} ({error.strerror}).") from None
+    raise ConfigError(
+      f"--workdir {workdir!r} is not writable: nothing can "
+      f"be created in {probe!r} ({error.strerror})."
+    ) from None
 
 
 # Not a config field, but the example-to-device layout (and so the result)
@@ -145,11 +178,15 @@ def saved_config(workdir: str) -> dict[str, Any] | None:
 
 # What a teacher-only workdir's result does not depend on.
 STUDENT_ONLY_FIELDS = frozenset(
-    ("method", "num_epochs", "teacher_checkpoint") + OBJECTIVE_FIELDS)
+  ("method", "num_epochs", "teacher_checkpoint") + OBJECTIVE_FIELDS
+)
 
 
-def compare_with_saved(config: ml_collections.ConfigDict, workdir: str,
-                       ignore: frozenset = frozenset()) -> list[str]:
+def compare_with_saved(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  ignore: frozenset = frozenset(),
+) -> list[str]:
   """Returns notes on accepted changes; raises ConfigError on unsafe ones.
 
   Fields in `ignore` may differ freely (a shared teacher's workdir ignores
@@ -168,20 +205,26 @@ def compare_with_saved(config: ml_collections.ConfigDict, workdir: str,
     if old == new or field in ignore:
       continue
     line = f"  {field}: {old!r} (saved) -> {new!r} (now)"
-    if (field in RESULT_NEUTRAL_FIELDS or field in EXTENDABLE_FIELDS or
-        (same_objective and field in ("method",) + OBJECTIVE_FIELDS)):
+    if (
+      field in RESULT_NEUTRAL_FIELDS
+      or field in EXTENDABLE_FIELDS
+      or (same_objective and field in ("method",) + OBJECTIVE_FIELDS)
+    ):
       notes.append(line)
     else:
       unsafe.append(line)
   if unsafe:
     raise ConfigError(
-        f"The workdir {workdir!r} holds a run with a different config; these "
-        "fields would change its result:\n" + "\n".join(unsafe) +
-        "\nRerun with the saved values, or use a new --workdir.")
+      f"The workdir {workdir!r} holds a run with a different config; these "
+      "fields would change its result:\n"
+      + "\n".join(unsafe)
+      + "\nRerun with the saved values, or use a new --workdir."
+    )
   return notes
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes config.json atomically (the newest accepted config)."""
-  results_lib.write_json(os.path.join(workdir, CONFIG_FILE), _plain(config),
-                         sort_keys=True)
+  results_lib.write_json(
+    os.path.join(workdir, CONFIG_FILE), _plain(config), sort_keys=True
+  )

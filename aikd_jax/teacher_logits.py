@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import time
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
-from jax.experimental import multihost_utils
 
 from aikd_jax import banks
 from aikd_jax import checkpointing
@@ -29,42 +29,58 @@ from aikd_jax.device_data import DeviceDataset
 STAGE = "teacher_logits"
 
 
-def compute_or_load(teacher_stage: stage_lib.Stage,
-                    teacher: step_lib.ClassifierState,
-                    config: ml_collections.ConfigDict, data: DeviceDataset,
-                    mesh: jax.sharding.Mesh, workdir: str) -> jax.Array:
+def compute_or_load(
+  teacher_stage: stage_lib.Stage,
+  teacher: step_lib.ClassifierState,
+  config: ml_collections.ConfigDict,
+  data: DeviceDataset,
+  mesh: jax.sharding.Mesh,
+  workdir: str,
+) -> jax.Array:
   """The teacher-logit bank [N_pad, C], sharded by example id."""
   teacher_step = int(teacher.step)
   stage_dir = os.path.join(workdir, STAGE)
   checkpoints = checkpointing.StageCheckpoints(
-      os.path.join(stage_dir, checkpointing.CHECKPOINT_DIR), keep=1)
+    os.path.join(stage_dir, checkpointing.CHECKPOINT_DIR), keep=1
+  )
   results_path = os.path.join(stage_dir, results_lib.RESULTS_FILE)
   try:
     if checkpoints.latest_step() == teacher_step:
       logging.info("teacher_logits: finished earlier; loading the bank.")
-      template = {"teacher_bank": jax.device_put(
-          jnp.zeros((data.layout.num_rows, data.num_classes),
-                    config.bank_dtype), banks.data_sharding(mesh))}
+      template = {
+        "teacher_bank": jax.device_put(
+          jnp.zeros(
+            (data.layout.num_rows, data.num_classes), config.bank_dtype
+          ),
+          banks.data_sharding(mesh),
+        )
+      }
       restored, progress = checkpoints.restore(teacher_step, template)
       if not results_lib.finished_results(stage_dir):  # Stopped before.
         _write_results(results_path, progress["train_report"], None)
       return restored["teacher_bank"]
     start = time.monotonic()
-    predict = stage_lib.make_predict_fn(teacher_stage, data, mesh,
-                                        config.eval_batch_size)
+    predict = stage_lib.make_predict_fn(
+      teacher_stage, data, mesh, config.eval_batch_size
+    )
     logits = predict(teacher.variables, data.train_images)
     bank = logits.astype(config.bank_dtype)
     host = np.asarray(multihost_utils.process_allgather(logits, tiled=True))
     valid = data.train_labels_by_id >= 0
     report = metrics_lib.classification_report(
-        host[valid], data.train_labels_by_id[valid])
-    checkpoints.save(teacher_step, {"teacher_bank": bank},
-               {"train_report": report})
+      host[valid], data.train_labels_by_id[valid]
+    )
+    checkpoints.save(
+      teacher_step, {"teacher_bank": bank}, {"train_report": report}
+    )
     checkpoints.wait()
     _write_results(results_path, report, time.monotonic() - start)
-    logging.info("teacher_logits: %d rows in %.1fs; teacher train top-1 "
-                 "error %.2f%%.", int(valid.sum()),
-                 time.monotonic() - start, report["top1_err"])
+    logging.info(
+      "teacher_logits: %d rows in %.1fs; teacher train top-1 error %.2f%%.",
+      int(valid.sum()),
+      time.monotonic() - start,
+      report["top1_err"],
+    )
     return bank
   finally:
     checkpoints.close()
@@ -72,7 +88,14 @@ def compute_or_load(teacher_stage: stage_lib.Stage,
 
 def _write_results(path: str, report: dict, seconds: float | None) -> None:
   if jax.process_index() == 0:  # Every process holds the same; one file.
-    results_lib.write_json(path, {
-        "stage": STAGE, "complete": True,
-        "split": "train (un-augmented, eval mode)", "seconds": seconds,
-        "last": report, "best": report})
+    results_lib.write_json(
+      path,
+      {
+        "stage": STAGE,
+        "complete": True,
+        "split": "train (un-augmented, eval mode)",
+        "seconds": seconds,
+        "last": report,
+        "best": report,
+      },
+    )

@@ -15,11 +15,11 @@ import os
 import time
 from typing import Callable, ContextManager
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-from absl import logging
-from jax.experimental import multihost_utils
 
 from aikd_jax import banks
 from aikd_jax import checkpointing
@@ -32,10 +32,14 @@ from aikd_jax import teacher_logits
 from aikd_jax import train_step as step_lib
 from aikd_jax import writers
 from aikd_jax.checkpointing import CHECKPOINT_DIR
-from aikd_jax.device_data import DeviceDataset, place_dataset
-from aikd_jax.objective import Objective, resolve_objective
-from aikd_jax.preemption import Preempted, SignalFlag
-from aikd_jax.progress import NonFiniteStep, Progress
+from aikd_jax.device_data import DeviceDataset
+from aikd_jax.device_data import place_dataset
+from aikd_jax.objective import Objective
+from aikd_jax.objective import resolve_objective
+from aikd_jax.preemption import Preempted
+from aikd_jax.preemption import SignalFlag
+from aikd_jax.progress import NonFiniteStep
+from aikd_jax.progress import Progress
 
 STAGES = ("teacher", teacher_logits.STAGE, "student")
 
@@ -44,30 +48,40 @@ class NonFiniteLossError(RuntimeError):
   """A loss term became NaN or Inf; nothing from that point is saved."""
 
 
-def divergence_message(stage: str, step: int, steps_per_epoch: int,
-                       values: dict[str, float], objective: Objective,
-                       config: ml_collections.ConfigDict) -> str:
+def divergence_message(
+  stage: str,
+  step: int,
+  steps_per_epoch: int,
+  values: dict[str, float],
+  objective: Objective,
+  config: ml_collections.ConfigDict,
+) -> str:
   """Names every non-finite term of the step, its other values, a remedy."""
   bad = sorted(name for name, v in values.items() if not np.isfinite(v))
   rest = sorted(name for name in values if name not in bad)
   shown = lambda names: ", ".join(f"{n} = {values[n]:.4g}" for n in names)
-  return (f"Training diverged at step {step} (epoch {step // steps_per_epoch})"
-          f" of the {stage} stage: {shown(bad)} not finite; the same step's "
-          f"other values: {shown(rest)}. Nothing after the last checkpoint "
-          f"was saved. To go on, {_remedies(stage, objective, config)}, then "
-          "rerun.")
+  return (
+    f"Training diverged at step {step} (epoch {step // steps_per_epoch})"
+    f" of the {stage} stage: {shown(bad)} not finite; the same step's "
+    f"other values: {shown(rest)}. Nothing after the last checkpoint "
+    f"was saved. To go on, {_remedies(stage, objective, config)}, then "
+    "rerun."
+  )
 
 
-def _remedies(stage: str, objective: Objective,
-              config: ml_collections.ConfigDict) -> str:
+def _remedies(
+  stage: str, objective: Objective, config: ml_collections.ConfigDict
+) -> str:
   """What to change after a divergence, the most specific first."""
   remedies = []
   if stage == "student" and objective.uses_teacher:
     remedies.append(
-        "ramp the pre-trained model's terms in over more epochs (--config."
-        f"teacher_ramp_epochs, now {objective.teacher_ramp_epochs:g})")
+      "ramp the pre-trained model's terms in over more epochs (--config."
+      f"teacher_ramp_epochs, now {objective.teacher_ramp_epochs:g})"
+    )
   remedies.append(
-      f"lower --config.learning_rate (now {config.learning_rate:g})")
+    f"lower --config.learning_rate (now {config.learning_rate:g})"
+  )
   if not config.grad_clip_norm:
     remedies.append("clip the gradient (e.g. --config.grad_clip_norm=5)")
   return ", or ".join(remedies)
@@ -78,11 +92,16 @@ def _untimed(phase: str) -> ContextManager[None]:
   return contextlib.nullcontext()
 
 
-def train_stage(stage: stage_lib.Stage, config: ml_collections.ConfigDict,
-                data: DeviceDataset, mesh: jax.sharding.Mesh, workdir: str,
-                signals: SignalFlag, teacher: step_lib.Teacher | None = None,
-                time_phase: Callable[[str], ContextManager[None]] = _untimed
-                ) -> step_lib.TrainState:
+def train_stage(
+  stage: stage_lib.Stage,
+  config: ml_collections.ConfigDict,
+  data: DeviceDataset,
+  mesh: jax.sharding.Mesh,
+  workdir: str,
+  signals: SignalFlag,
+  teacher: step_lib.Teacher | None = None,
+  time_phase: Callable[[str], ContextManager[None]] = _untimed,
+) -> step_lib.TrainState:
   """Trains `stage` to its last epoch, resuming from its checkpoints.
 
   Evaluates on the test split after every epoch, saves a checkpoint every
@@ -108,7 +127,8 @@ def train_stage(stage: stage_lib.Stage, config: ml_collections.ConfigDict,
   os.makedirs(stage_dir, exist_ok=True)
   state, progress = stage_lib.create_train_state(stage, data, mesh), Progress()
   checkpoints = checkpointing.StageCheckpoints(
-      os.path.join(stage_dir, CHECKPOINT_DIR), config.keep_checkpoints)
+    os.path.join(stage_dir, CHECKPOINT_DIR), config.keep_checkpoints
+  )
   latest = checkpoints.latest_step()
   if latest is not None:
     start = time.monotonic()
@@ -117,17 +137,26 @@ def train_stage(stage: stage_lib.Stage, config: ml_collections.ConfigDict,
     reached = latest // steps_per_epoch
     if reached > stage.num_epochs:
       raise run_config.ConfigError(
-          f"The {stage.name} stage already reached epoch {reached}; "
-          f"num_epochs={stage.num_epochs} would end before it.")
-    logging.info("%s: resumed from step %d (epoch %d) in %.1fs.",
-                 stage.name, latest, reached, time.monotonic() - start)
+        f"The {stage.name} stage already reached epoch {reached}; "
+        f"num_epochs={stage.num_epochs} would end before it."
+      )
+    logging.info(
+      "%s: resumed from step %d (epoch %d) in %.1fs.",
+      stage.name,
+      latest,
+      reached,
+      time.monotonic() - start,
+    )
   step_fn = stage_lib.make_train_step(stage, mesh)
-  predict = stage_lib.make_predict_fn(stage, data, mesh,
-                                      config.eval_batch_size)
-  writer = writers.create_writer(stage_dir,
-                                 just_logging=jax.process_index() > 0)
-  report = writers.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                  every_steps=config.log_every_steps)
+  predict = stage_lib.make_predict_fn(stage, data, mesh, config.eval_batch_size)
+  writer = writers.create_writer(
+    stage_dir, just_logging=jax.process_index() > 0
+  )
+  report = writers.ReportProgress(
+    num_train_steps=total_steps,
+    writer=writer,
+    every_steps=config.log_every_steps,
+  )
 
   def save(step: int) -> None:
     with time_phase("checkpoint"):
@@ -138,16 +167,19 @@ def train_stage(stage: stage_lib.Stage, config: ml_collections.ConfigDict,
       save(step)
     checkpoints.wait()
     raise Preempted(
-        f"{signals.received} received: saved a checkpoint at step {step} of "
-        f"the {stage.name} stage. Rerun the same command with the same "
-        "--workdir to resume.")
+      f"{signals.received} received: saved a checkpoint at step {step} of "
+      f"the {stage.name} stage. Rerun the same command with the same "
+      "--workdir to resume."
+    )
 
   step, stop = int(state.student.step), False
   try:
     for epoch in range(step // steps_per_epoch, stage.num_epochs):
       step_data = stage_lib.step_data(stage, data, mesh, epoch, teacher)
-      epoch_start, epoch_end = (epoch * steps_per_epoch,
-                                (epoch + 1) * steps_per_epoch)
+      epoch_start, epoch_end = (
+        epoch * steps_per_epoch,
+        (epoch + 1) * steps_per_epoch,
+      )
       while step < epoch_end:
         state, metrics = step_fn(state, step_data)
         progress.add(metrics, step)
@@ -160,29 +192,47 @@ def train_stage(stage: stage_lib.Stage, config: ml_collections.ConfigDict,
             try:
               scalars = progress.read(step - epoch_start)
             except NonFiniteStep as bad:
-              raise NonFiniteLossError(divergence_message(
-                  stage.name, bad.step, steps_per_epoch, bad.values,
-                  stage.objective, config)) from None
+              raise NonFiniteLossError(
+                divergence_message(
+                  stage.name,
+                  bad.step,
+                  steps_per_epoch,
+                  bad.values,
+                  stage.objective,
+                  config,
+                )
+              ) from None
             if scalars is not None:
               writer.write_scalars(step, scalars)
         if stop and step < epoch_end:
           stop_here(step)
       with report.timed("eval"), time_phase("eval"):
-        test, reliability = _evaluate(stage, config, predict, state, data,
-                                      epoch)
+        test, reliability = _evaluate(
+          stage, config, predict, state, data, epoch
+        )
         progress.end_epoch(epoch, test, reliability)
         writer.write_scalars(step, {f"test/{k}": v for k, v in test.items()})
-        logging.info("%s epoch %d/%d: test top-1 error %.2f%%, NLL %.3f, "
-                     "ECE %.2f", stage.name, epoch + 1, stage.num_epochs,
-                     test["top1_err"], test["nll"], test["ece"])
+        logging.info(
+          "%s epoch %d/%d: test top-1 error %.2f%%, NLL %.3f, ECE %.2f",
+          stage.name,
+          epoch + 1,
+          stage.num_epochs,
+          test["top1_err"],
+          test["nll"],
+          test["ece"],
+        )
       if step == total_steps or (
-          (epoch + 1) % config.checkpoint_every_epochs == 0):
+        (epoch + 1) % config.checkpoint_every_epochs == 0
+      ):
         save(step)
       if stop and step < total_steps:
         stop_here(step)
     checkpoints.wait()
-    if latest is None or latest < total_steps or not (
-        results_lib.finished_results(stage_dir, stage.num_epochs)):
+    if (
+      latest is None
+      or latest < total_steps
+      or not (results_lib.finished_results(stage_dir, stage.num_epochs))
+    ):
       _write_stage_results(stage_dir, stage, config, progress.history)
   finally:
     checkpoints.wait()
@@ -191,31 +241,45 @@ def train_stage(stage: stage_lib.Stage, config: ml_collections.ConfigDict,
   return state
 
 
-def _evaluate(stage: stage_lib.Stage, config: ml_collections.ConfigDict,
-              predict, state: step_lib.TrainState, data: DeviceDataset,
-              epoch: int) -> tuple[dict, dict]:
+def _evaluate(
+  stage: stage_lib.Stage,
+  config: ml_collections.ConfigDict,
+  predict,
+  state: step_lib.TrainState,
+  data: DeviceDataset,
+  epoch: int,
+) -> tuple[dict, dict]:
   """The test split's report and reliability diagram after `epoch`."""
   logits = multihost_utils.process_allgather(
-      predict(state.student.variables, data.test_images), tiled=True)
-  logits = np.asarray(logits)[:len(data.test_labels)]
+    predict(state.student.variables, data.test_images), tiled=True
+  )
+  logits = np.asarray(logits)[: len(data.test_labels)]
   if not np.all(np.isfinite(logits)):
     raise NonFiniteLossError(
-        f"Training diverged in epoch {epoch} of the {stage.name} stage: "
-        "every loss term was finite, but the test logits after step "
-        f"{(epoch + 1) * stage.steps_per_epoch} are not (the eval-mode "
-        "weights exploded). Nothing from this epoch was saved. To go on, "
-        f"{_remedies(stage.name, stage.objective, config)}, then rerun.")
-  return (metrics_lib.classification_report(logits, data.test_labels),
-          metrics_lib.reliability_diagram(logits, data.test_labels))
+      f"Training diverged in epoch {epoch} of the {stage.name} stage: "
+      "every loss term was finite, but the test logits after step "
+      f"{(epoch + 1) * stage.steps_per_epoch} are not (the eval-mode "
+      "weights exploded). Nothing from this epoch was saved. To go on, "
+      f"{_remedies(stage.name, stage.objective, config)}, then rerun."
+    )
+  return (
+    metrics_lib.classification_report(logits, data.test_labels),
+    metrics_lib.reliability_diagram(logits, data.test_labels),
+  )
 
 
-def _write_stage_results(stage_dir: str, stage: stage_lib.Stage,
-                         config: ml_collections.ConfigDict,
-                         history: list[dict]) -> None:
+def _write_stage_results(
+  stage_dir: str,
+  stage: stage_lib.Stage,
+  config: ml_collections.ConfigDict,
+  history: list[dict],
+) -> None:
   if jax.process_index() > 0:  # Every process holds the same; one file.
     return
   best = min(history, key=lambda h: h["test"]["top1_err"])
-  results_lib.write_json(os.path.join(stage_dir, results_lib.RESULTS_FILE), {
+  results_lib.write_json(
+    os.path.join(stage_dir, results_lib.RESULTS_FILE),
+    {
       "stage": stage.name,
       "method": "ce" if stage.name == "teacher" else config.method,
       "objective": dataclasses.asdict(stage.objective),
@@ -225,12 +289,17 @@ def _write_stage_results(stage_dir: str, stage: stage_lib.Stage,
       "last": {"epoch": history[-1]["epoch"], **history[-1]["test"]},
       "best": {"epoch": best["epoch"], **best["test"]},
       "history": history,
-  })
+    },
+  )
 
 
-def _restore_final(stage: stage_lib.Stage, data: DeviceDataset,
-                   mesh: jax.sharding.Mesh, directory: str,
-                   keep: int) -> step_lib.TrainState:
+def _restore_final(
+  stage: stage_lib.Stage,
+  data: DeviceDataset,
+  mesh: jax.sharding.Mesh,
+  directory: str,
+  keep: int,
+) -> step_lib.TrainState:
   """The train state of the latest checkpoint in `directory`."""
   checkpoints = checkpointing.StageCheckpoints(directory, keep)
   try:
@@ -238,43 +307,62 @@ def _restore_final(stage: stage_lib.Stage, data: DeviceDataset,
     if step is None:
       raise run_config.ConfigError(f"{directory!r} holds no checkpoint.")
     state, _ = checkpoints.restore(
-        step, stage_lib.create_train_state(stage, data, mesh))
+      step, stage_lib.create_train_state(stage, data, mesh)
+    )
   finally:
     checkpoints.close()
   return state
 
 
-def _teacher_stage(config: ml_collections.ConfigDict, data: DeviceDataset,
-                   mesh: jax.sharding.Mesh, workdir: str, signals: SignalFlag
-                   ) -> tuple[stage_lib.Stage, step_lib.ClassifierState]:
+def _teacher_stage(
+  config: ml_collections.ConfigDict,
+  data: DeviceDataset,
+  mesh: jax.sharding.Mesh,
+  workdir: str,
+  signals: SignalFlag,
+) -> tuple[stage_lib.Stage, step_lib.ClassifierState]:
   """Stage 1: the teacher's final state (trained, resumed or loaded)."""
   stage = stage_lib.build_stage(
-      "teacher", resolve_objective("ce"), run_config.teacher_epochs(config),
-      config, data, mesh.devices.size)
+    "teacher",
+    resolve_objective("ce"),
+    run_config.teacher_epochs(config),
+    config,
+    data,
+    mesh.devices.size,
+  )
   stage_dir = os.path.join(workdir, stage.name)
   if config.teacher_checkpoint:
-    teacher = _restore_final(stage, data, mesh, config.teacher_checkpoint,
-                             keep=1).student
-    logging.info("teacher: loaded %s step %d.", config.teacher_checkpoint,
-                 int(teacher.step))
+    teacher = _restore_final(
+      stage, data, mesh, config.teacher_checkpoint, keep=1
+    ).student
+    logging.info(
+      "teacher: loaded %s step %d.",
+      config.teacher_checkpoint,
+      int(teacher.step),
+    )
   elif results_lib.finished_results(stage_dir, stage.num_epochs):
     logging.info("teacher: finished earlier; loading its final state.")
-    teacher = _restore_final(stage, data, mesh,
-                             os.path.join(stage_dir, CHECKPOINT_DIR),
-                             config.keep_checkpoints).student
+    teacher = _restore_final(
+      stage,
+      data,
+      mesh,
+      os.path.join(stage_dir, CHECKPOINT_DIR),
+      config.keep_checkpoints,
+    ).student
   else:
-    teacher = train_stage(stage, config, data, mesh, workdir,
-                          signals).student
+    teacher = train_stage(stage, config, data, mesh, workdir, signals).student
   return stage, teacher
 
 
-def check_inputs(config: ml_collections.ConfigDict, workdir: str,
-                 teacher_only: bool = False) -> tuple[Objective, list[str]]:
+def check_inputs(
+  config: ml_collections.ConfigDict, workdir: str, teacher_only: bool = False
+) -> tuple[Objective, list[str]]:
   """Every check that must pass before anything is computed or written."""
   objective = run_config.validate(config)
   run_config.check_workdir(workdir)
-  data_lib.check_dataset_available(config.dataset, config.data_dir or None,
-                                   download=config.download)
+  data_lib.check_dataset_available(
+    config.dataset, config.data_dir or None, download=config.download
+  )
   ignore = run_config.STUDENT_ONLY_FIELDS if teacher_only else frozenset()
   notes = run_config.compare_with_saved(config, workdir, ignore)
   for stage in STAGES:
@@ -282,8 +370,9 @@ def check_inputs(config: ml_collections.ConfigDict, workdir: str,
   return objective, notes
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       teacher_only: bool = False) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, teacher_only: bool = False
+) -> dict:
   """Runs (or resumes) all stages; returns the student's results.
 
   With `teacher_only`, runs stage 1 alone and returns the teacher's results:
@@ -298,35 +387,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run_config.save(config, workdir)
   mesh = banks.data_mesh()
   dataset = data_lib.load_dataset(
-      config.dataset, config.data_dir or None, download=config.download,
-      split_seed=config.data_seed, image_size=config.image_size or None)
+    config.dataset,
+    config.data_dir or None,
+    download=config.download,
+    split_seed=config.data_seed,
+    image_size=config.image_size or None,
+  )
   data = place_dataset(dataset, mesh, config)
-  logging.info("%s: %d train / %d test examples, %d classes, %d devices.",
-               config.dataset, data.layout.num_examples,
-               len(data.test_labels), data.num_classes, mesh.devices.size)
+  logging.info(
+    "%s: %d train / %d test examples, %d classes, %d devices.",
+    config.dataset,
+    data.layout.num_examples,
+    len(data.test_labels),
+    data.num_classes,
+    mesh.devices.size,
+  )
   with SignalFlag() as signals:
     if teacher_only:
       _teacher_stage(config, data, mesh, workdir, signals)
       return results_lib.finished_results(os.path.join(workdir, "teacher"))
     teacher = None
     if not objective.uses_teacher:
-      logging.info("teacher and teacher_logits: skipped (method %s uses no "
-                   "pre-trained model).", config.method)
+      logging.info(
+        "teacher and teacher_logits: skipped (method %s uses no "
+        "pre-trained model).",
+        config.method,
+      )
     else:
-      teacher_stage, teacher_state = _teacher_stage(config, data, mesh,
-                                                    workdir, signals)
+      teacher_stage, teacher_state = _teacher_stage(
+        config, data, mesh, workdir, signals
+      )
       if objective.teacher_mode == "online":
         logging.info("teacher_logits: skipped (online teacher).")
         teacher = step_lib.Teacher(variables=teacher_state.variables)
       else:
-        teacher = step_lib.Teacher(logits=teacher_logits.compute_or_load(
-            teacher_stage, teacher_state, config, data, mesh, workdir))
-    student = stage_lib.build_stage("student", objective, config.num_epochs,
-                                    config, data, mesh.devices.size)
+        teacher = step_lib.Teacher(
+          logits=teacher_logits.compute_or_load(
+            teacher_stage, teacher_state, config, data, mesh, workdir
+          )
+        )
+    student = stage_lib.build_stage(
+      "student", objective, config.num_epochs, config, data, mesh.devices.size
+    )
     stage_dir = os.path.join(workdir, student.name)
     if results_lib.finished_results(stage_dir, student.num_epochs):
       logging.info("student: finished earlier; nothing to do.")
     else:
       train_stage(student, config, data, mesh, workdir, signals, teacher)
   return results_lib.read_json(
-      os.path.join(stage_dir, results_lib.RESULTS_FILE))
+    os.path.join(stage_dir, results_lib.RESULTS_FILE)
+  )

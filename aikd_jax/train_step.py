@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 import flax
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import optax
 from flax.training import train_state as flax_train_state
+import jax
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import optax
 
 from aikd_jax import augment as augment_lib
 from aikd_jax import losses
@@ -98,23 +99,32 @@ class StepConfig:
   sync_batch_norm: bool = True
 
 
-def create_classifier_state(model: nn.Module, image_shape: tuple[int, ...],
-                            tx: optax.GradientTransformation,
-                            key: jax.Array) -> ClassifierState:
+def create_classifier_state(
+  model: nn.Module,
+  image_shape: tuple[int, ...],
+  tx: optax.GradientTransformation,
+  key: jax.Array,
+) -> ClassifierState:
   """Initialises a classifier and its optimiser state (float32 params)."""
-  variables = model.init(key, jnp.zeros((1,) + tuple(image_shape)),
-                         train=False)
-  return ClassifierState.create(apply_fn=model.apply,
-                                params=variables["params"], tx=tx,
-                                batch_stats=variables.get("batch_stats", {}))
+  variables = model.init(key, jnp.zeros((1,) + tuple(image_shape)), train=False)
+  return ClassifierState.create(
+    apply_fn=model.apply,
+    params=variables["params"],
+    tx=tx,
+    batch_stats=variables.get("batch_stats", {}),
+  )
 
 
-def create_discriminator_state(discriminator: nn.Module, num_classes: int,
-                               tx: optax.GradientTransformation,
-                               key: jax.Array) -> flax_train_state.TrainState:
+def create_discriminator_state(
+  discriminator: nn.Module,
+  num_classes: int,
+  tx: optax.GradientTransformation,
+  key: jax.Array,
+) -> flax_train_state.TrainState:
   params = discriminator.init(key, jnp.zeros((1, num_classes)))["params"]
-  return flax_train_state.TrainState.create(apply_fn=discriminator.apply,
-                                            params=params, tx=tx)
+  return flax_train_state.TrainState.create(
+    apply_fn=discriminator.apply, params=params, tx=tx
+  )
 
 
 def augmentation_key(seed: int, step: jax.Array) -> jax.Array:
@@ -127,11 +137,16 @@ def augmentation_key(seed: int, step: jax.Array) -> jax.Array:
 _PARTNER_STREAM = 1
 
 
-def _local_train_step(state: TrainState, data: StepData, *,
-                      config: StepConfig, model: nn.Module,
-                      discriminator: nn.Module,
-                      teacher_model: nn.Module | None,
-                      learning_rate: optax.Schedule):
+def _local_train_step(
+  state: TrainState,
+  data: StepData,
+  *,
+  config: StepConfig,
+  model: nn.Module,
+  discriminator: nn.Module,
+  teacher_model: nn.Module | None,
+  learning_rate: optax.Schedule,
+):
   """One step on one device's shard; collectives average across devices."""
   objective = config.objective
   student, discriminator_state = state.student, state.discriminator
@@ -144,20 +159,29 @@ def _local_train_step(state: TrainState, data: StepData, *,
 
   key = augmentation_key(config.seed, step)
   augment = lambda rows, ids, key: augment_lib.augment(
-      data.images[rows], ids, key, pad=config.crop_padding, flip=config.flip,
-      mean=config.mean, std=config.std)
+    data.images[rows],
+    ids,
+    key,
+    pad=config.crop_padding,
+    flip=config.flip,
+    mean=config.mean,
+    std=config.std,
+  )
   images = augment(rows, ids, key)
   labels = data.labels[rows]
   if objective.uses_partners:
     partners = data.partner_rows[rows]
     partner_images = augment(
-        partners, partners + (ids - rows),
-        jax.random.fold_in(key, _PARTNER_STREAM))
+      partners,
+      partners + (ids - rows),
+      jax.random.fold_in(key, _PARTNER_STREAM),
+    )
 
   if objective.uses_teacher:
     if objective.teacher_mode == "online":
       teacher_logits = teacher_model.apply(
-          data.teacher.variables, images, train=False)
+        data.teacher.variables, images, train=False
+      )
     else:
       teacher_logits = data.teacher.logits[rows]
     teacher_logits = lax.stop_gradient(teacher_logits.astype(jnp.float32))
@@ -165,33 +189,43 @@ def _local_train_step(state: TrainState, data: StepData, *,
   alpha = losses.alpha_at(epoch, objective.alpha_T, config.num_epochs)
   teacher_weight = objective.teacher_weight(step, config.steps_per_epoch)
   previous = state.prediction_bank[rows].astype(jnp.float32)
-  targets = losses.progressive_targets(labels, previous, alpha,
-                                       config.num_classes,
-                                       objective.label_smoothing)
+  targets = losses.progressive_targets(
+    labels, previous, alpha, config.num_classes, objective.label_smoothing
+  )
 
   def objective_fn(params, discriminator_params):
     logits, model_updates = model.apply(
-        {"params": params, "batch_stats": student.batch_stats}, images,
-        train=True, mutable=["batch_stats"])
+      {"params": params, "batch_stats": student.batch_stats},
+      images,
+      train=True,
+      mutable=["batch_stats"],
+    )
     logits = logits.astype(jnp.float32)
     terms = {"prog": losses.soft_cross_entropy(logits, targets).mean()}
     student_loss = terms["prog"]
     probs = jax.nn.softmax(logits)
     aux = {}
     if objective.lambda_det > 0:
-      terms["det"] = losses.distillation_kl(logits, teacher_logits,
-                                            objective.temperature).mean()
+      terms["det"] = losses.distillation_kl(
+        logits, teacher_logits, objective.temperature
+      ).mean()
       student_loss += teacher_weight * objective.lambda_det * terms["det"]
     if objective.uses_partners:
       # CS-KD: a second train-mode pass on the same-class partners, without
       # gradient (its BatchNorm statistics update follows the anchors').
       partner_logits, model_updates = model.apply(
-          {"params": lax.stop_gradient(params),
-           "batch_stats": model_updates["batch_stats"]}, partner_images,
-          train=True, mutable=["batch_stats"])
+        {
+          "params": lax.stop_gradient(params),
+          "batch_stats": model_updates["batch_stats"],
+        },
+        partner_images,
+        train=True,
+        mutable=["batch_stats"],
+      )
       partner_logits = lax.stop_gradient(partner_logits.astype(jnp.float32))
-      terms["cls"] = losses.distillation_kl(logits, partner_logits,
-                                            objective.temperature).mean()
+      terms["cls"] = losses.distillation_kl(
+        logits, partner_logits, objective.temperature
+      ).mean()
       student_loss += objective.lambda_cls * terms["cls"]
     discriminator_loss = 0.0
     if objective.uses_discriminator:
@@ -199,13 +233,16 @@ def _local_train_step(state: TrainState, data: StepData, *,
       # sees the student's probabilities as constants: one backward pass of
       # the sum gives each model exactly its own gradient.
       fooled = discriminator.apply(
-          {"params": lax.stop_gradient(discriminator_params)}, probs)
+        {"params": lax.stop_gradient(discriminator_params)}, probs
+      )
       terms["adv"] = losses.generator_loss(fooled).mean()
       student_loss += teacher_weight * objective.lambda_adv * terms["adv"]
-      real = discriminator.apply({"params": discriminator_params},
-                                 jax.nn.softmax(teacher_logits))
-      fake = discriminator.apply({"params": discriminator_params},
-                                 lax.stop_gradient(probs))
+      real = discriminator.apply(
+        {"params": discriminator_params}, jax.nn.softmax(teacher_logits)
+      )
+      fake = discriminator.apply(
+        {"params": discriminator_params}, lax.stop_gradient(probs)
+      )
       terms["disc"] = losses.discriminator_loss(real, fake).mean()
       discriminator_loss = terms["disc"]
       aux["disc_real_acc"] = jnp.mean(real > 0)
@@ -213,16 +250,19 @@ def _local_train_step(state: TrainState, data: StepData, *,
     terms["student"] = student_loss
     aux["train_acc"] = jnp.mean(jnp.argmax(logits, -1) == labels)
     aux["max_abs_logit"] = jnp.max(jnp.abs(logits))
-    return (student_loss + discriminator_loss,
-            (terms, aux, probs, model_updates))
+    return (
+      student_loss + discriminator_loss,
+      (terms, aux, probs, model_updates),
+    )
 
   grad_fn = jax.grad(objective_fn, argnums=(0, 1), has_aux=True)
   # Parameters enter as device-invariant values, whose gradient shard_map
   # would already sum over devices; marking them varying keeps each device's
   # gradient local, so the pmean below is the global-batch mean.
   (grads, discriminator_grads), (terms, aux, probs, model_updates) = grad_fn(
-      lax.pcast(student.params, DATA_AXIS, to="varying"),
-      lax.pcast(discriminator_state.params, DATA_AXIS, to="varying"))
+    lax.pcast(student.params, DATA_AXIS, to="varying"),
+    lax.pcast(discriminator_state.params, DATA_AXIS, to="varying"),
+  )
 
   grads = lax.pmean(grads, DATA_AXIS)
   batch_stats = model_updates["batch_stats"]
@@ -234,7 +274,8 @@ def _local_train_step(state: TrainState, data: StepData, *,
   new_discriminator = discriminator_state
   if objective.uses_discriminator:
     new_discriminator = discriminator_state.apply_gradients(
-        grads=lax.pmean(discriminator_grads, DATA_AXIS))
+      grads=lax.pmean(discriminator_grads, DATA_AXIS)
+    )
 
   bank = state.prediction_bank
   if objective.uses_progressive:
@@ -245,8 +286,10 @@ def _local_train_step(state: TrainState, data: StepData, *,
     new_rows = lax.stop_gradient(probs) + 0.0 * previous
     bank = bank.at[rows].set(new_rows.astype(bank.dtype))
 
-  metrics = {**{f"loss/{k}": v for k, v in terms.items()},
-             **{f"train/{k}": v for k, v in aux.items()}}
+  metrics = {
+    **{f"loss/{k}": v for k, v in terms.items()},
+    **{f"train/{k}": v for k, v in aux.items()},
+  }
   metrics = lax.pmean(metrics, DATA_AXIS)
   # Early signs of divergence: the largest logit on any device, and the
   # global norm of the loss gradient (before weight decay or clipping).
@@ -254,17 +297,21 @@ def _local_train_step(state: TrainState, data: StepData, *,
   metrics["train/grad_norm"] = optax.global_norm(grads)
   if objective.uses_teacher and objective.teacher_ramp_epochs > 0:
     metrics["train/teacher_weight"] = jnp.asarray(teacher_weight, jnp.float32)
-  metrics["train/learning_rate"] = jnp.asarray(learning_rate(step),
-                                               jnp.float32)
+  metrics["train/learning_rate"] = jnp.asarray(learning_rate(step), jnp.float32)
   metrics["train/alpha"] = jnp.asarray(alpha, jnp.float32)
   return TrainState(new_student, new_discriminator, bank), metrics
 
 
-def make_train_step(mesh: jax.sharding.Mesh, config: StepConfig, *,
-                    model: nn.Module, discriminator: nn.Module,
-                    learning_rate: optax.Schedule,
-                    teacher_model: nn.Module | None = None,
-                    wrap_local_step: Callable | None = None):
+def make_train_step(
+  mesh: jax.sharding.Mesh,
+  config: StepConfig,
+  *,
+  model: nn.Module,
+  discriminator: nn.Module,
+  learning_rate: optax.Schedule,
+  teacher_model: nn.Module | None = None,
+  wrap_local_step: Callable | None = None,
+):
   """Returns jitted `step(state, data) -> (state, metrics)`; state donated.
 
   Args:
@@ -281,43 +328,66 @@ def make_train_step(mesh: jax.sharding.Mesh, config: StepConfig, *,
   """
   objective = config.objective
   local = lambda state, data: _local_train_step(
-      state, data, config=config, model=model, discriminator=discriminator,
-      teacher_model=teacher_model, learning_rate=learning_rate)
+    state,
+    data,
+    config=config,
+    model=model,
+    discriminator=discriminator,
+    teacher_model=teacher_model,
+    learning_rate=learning_rate,
+  )
   if wrap_local_step is not None:
     local = wrap_local_step(local)
   sharded = P(DATA_AXIS)
-  state_spec = TrainState(student=P(), discriminator=P(),
-                          prediction_bank=sharded)
+  state_spec = TrainState(
+    student=P(), discriminator=P(), prediction_bank=sharded
+  )
   data_spec = StepData(
-      images=sharded, labels=sharded, epoch_order=sharded,
-      teacher=(Teacher(logits=sharded, variables=P())
-               if objective.uses_teacher else None),
-      partner_rows=sharded)
-  mapped = jax.shard_map(local, mesh=mesh, in_specs=(state_spec, data_spec),
-                         out_specs=(state_spec, P()))
+    images=sharded,
+    labels=sharded,
+    epoch_order=sharded,
+    teacher=(
+      Teacher(logits=sharded, variables=P()) if objective.uses_teacher else None
+    ),
+    partner_rows=sharded,
+  )
+  mapped = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(state_spec, data_spec),
+    out_specs=(state_spec, P()),
+  )
 
   def step(state: TrainState, data: StepData):
     if not objective.uses_teacher:
       data = data.replace(teacher=None)
     elif data.teacher is None:
       raise ValueError(
-          "This objective reads a teacher: pass StepData(teacher=Teacher("
-          "logits=...)) for a precomputed teacher, or Teacher(variables=...)"
-          " and make_train_step(teacher_model=...) for an online one.")
+        "This objective reads a teacher: pass StepData(teacher=Teacher("
+        "logits=...)) for a precomputed teacher, or Teacher(variables=...)"
+        " and make_train_step(teacher_model=...) for an online one."
+      )
     return mapped(state, data)
 
   # Explicit output shardings keep the state's shardings equal to its input
   # ones (on a 1-device mesh JAX would otherwise call the bank replicated),
   # so feeding the output back in never adds a second cache entry.
-  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
-                           (state_spec, P()),
-                           is_leaf=lambda x: isinstance(x, P))
+  shardings = jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec),
+    (state_spec, P()),
+    is_leaf=lambda x: isinstance(x, P),
+  )
   return jax.jit(step, donate_argnums=(0,), out_shardings=shardings)
 
 
-def make_predict_fn(mesh: jax.sharding.Mesh, model: nn.Module, *,
-                    batch_per_device: int, mean: tuple[float, ...],
-                    std: tuple[float, ...]):
+def make_predict_fn(
+  mesh: jax.sharding.Mesh,
+  model: nn.Module,
+  *,
+  batch_per_device: int,
+  mean: tuple[float, ...],
+  std: tuple[float, ...],
+):
   """Returns jitted `predict(variables, images) -> logits`, eval mode.
 
   `images` (uint8, rows sharded over `data`) are normalised, not augmented;
@@ -331,8 +401,9 @@ def make_predict_fn(mesh: jax.sharding.Mesh, model: nn.Module, *,
     # padding computed is less than one row per chunk.
     chunks = -(-rows // batch_per_device)
     chunk = -(-rows // chunks)
-    padded = jnp.pad(images, [(0, chunks * chunk - rows)] +
-                     [(0, 0)] * (images.ndim - 1))
+    padded = jnp.pad(
+      images, [(0, chunks * chunk - rows)] + [(0, 0)] * (images.ndim - 1)
+    )
     padded = padded.reshape((chunks, chunk) + images.shape[1:])
 
     def run(chunk):
@@ -342,6 +413,7 @@ def make_predict_fn(mesh: jax.sharding.Mesh, model: nn.Module, *,
     logits = lax.map(run, padded)
     return logits.reshape((-1, logits.shape[-1]))[:rows]
 
-  mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                         out_specs=P(DATA_AXIS))
+  mapped = jax.shard_map(
+    local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS)
+  )
   return jax.jit(mapped)

@@ -19,6 +19,7 @@ beyond absl (and jax, for `ReportProgress.timed`):
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable, Mapping
 import concurrent.futures
 import contextlib
 import itertools
@@ -28,7 +29,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 from absl import logging
@@ -52,13 +52,18 @@ class LoggingWriter:
   """Writes to the INFO log, in the format of clu's LoggingWriter."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    values = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-              for k, v in sorted(scalars.items())]
+    values = [
+      f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+      for k, v in sorted(scalars.items())
+    ]
     logging.info("[%d] %s", step, ", ".join(values))
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
-    logging.info("[%d] Got images: %s.", step,
-                 {k: getattr(v, "shape", None) for k, v in images.items()})
+    logging.info(
+      "[%d] Got images: %s.",
+      step,
+      {k: getattr(v, "shape", None) for k, v in images.items()},
+    )
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     logging.info("[Hyperparameters] %s", hparams)
@@ -80,8 +85,10 @@ class EventFileWriter:
 
   def __init__(self, logdir: str):
     os.makedirs(logdir, exist_ok=True)
-    name = (f"{_EVENT_FILE_PREFIX}.{int(time.time()):010d}."
-            f"{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}.v2")
+    name = (
+      f"{_EVENT_FILE_PREFIX}.{int(time.time()):010d}."
+      f"{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}.v2"
+    )
     self.path = os.path.join(logdir, name)
     self._file = open(self.path, "wb")  # pylint: disable=consider-using-with
     self._lock = threading.Lock()
@@ -92,20 +99,28 @@ class EventFileWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     wall_time = time.time()
     for tag, value in scalars.items():
-      self._write_event(_event(wall_time, step, summary=_scalar_summary(
-          tag, float(value))))
+      self._write_event(
+        _event(wall_time, step, summary=_scalar_summary(tag, float(value)))
+      )
     if time.monotonic() - self._last_flush > _FLUSH_SECS:
       self.flush()
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
     del step, images
-    logging.log_first_n(logging.WARNING, "EventFileWriter writes scalars "
-                        "only; images go to the log alone.", 1)
+    logging.log_first_n(
+      logging.WARNING,
+      "EventFileWriter writes scalars only; images go to the log alone.",
+      1,
+    )
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     del hparams
-    logging.log_first_n(logging.WARNING, "EventFileWriter writes scalars "
-                        "only; hyperparameters go to the log alone.", 1)
+    logging.log_first_n(
+      logging.WARNING,
+      "EventFileWriter writes scalars "
+      "only; hyperparameters go to the log alone.",
+      1,
+    )
 
   def flush(self) -> None:
     with self._lock:
@@ -119,8 +134,12 @@ class EventFileWriter:
 
   def _write_event(self, event: bytes) -> None:
     header = struct.pack("<Q", len(event))
-    record = (header + struct.pack("<I", _masked_crc32c(header)) + event +
-              struct.pack("<I", _masked_crc32c(event)))
+    record = (
+      header
+      + struct.pack("<I", _masked_crc32c(header))
+      + event
+      + struct.pack("<I", _masked_crc32c(event))
+    )
     with self._lock:
       self._file.write(record)
 
@@ -162,10 +181,15 @@ class ReportProgress:
   elapsed time in the log line.
   """
 
-  def __init__(self, *, num_train_steps: int | None = None,
-               writer: Any = None, every_steps: int | None = None,
-               every_secs: float | None = 60.0,
-               on_steps: Iterable[int] | None = None):
+  def __init__(
+    self,
+    *,
+    num_train_steps: int | None = None,
+    writer: Any = None,
+    every_steps: int | None = None,
+    every_secs: float | None = 60.0,
+    on_steps: Iterable[int] | None = None,
+  ):
     self._on_steps = set(on_steps or [])
     if num_train_steps is not None:
       self._on_steps.add(num_train_steps)
@@ -188,9 +212,10 @@ class ReportProgress:
       self._previous_step, self._previous_time = step, t
     elif self._every_steps is not None and step - self._last_step != 1:
       raise ValueError(
-          f"ReportProgress must be called after every step once (every_steps"
-          f"={self._every_steps}, previous_step={self._previous_step}, "
-          f"step={step}).")
+        f"ReportProgress must be called after every step once (every_steps"
+        f"={self._every_steps}, previous_step={self._previous_step}, "
+        f"step={step})."
+      )
     self._last_step = step
     if step == self._previous_step or not self._should_report(step, t):
       return False
@@ -226,24 +251,34 @@ class ReportProgress:
     self._executor.submit(stop_measurement, start_future, _barrier())
 
   def _should_report(self, step: int, t: float) -> bool:
-    return ((self._every_steps is not None and step % self._every_steps == 0)
-            or (self._every_secs is not None
-                and t - self._previous_time > self._every_secs)
-            or step in self._on_steps)
+    return (
+      (self._every_steps is not None and step % self._every_steps == 0)
+      or (
+        self._every_secs is not None
+        and t - self._previous_time > self._every_secs
+      )
+      or step in self._on_steps
+    )
 
   def _report(self, step: int, t: float) -> None:
     steps_per_sec = (step - self._previous_step) / (t - self._previous_time)
     message = f"{steps_per_sec:.1f} steps/s"
     if self._num_train_steps:
       eta_seconds = (self._num_train_steps - step) / steps_per_sec
-      message += (f", {100 * step / self._num_train_steps:.1f}% "
-                  f"({step}/{self._num_train_steps}), "
-                  f"ETA: {_format_secs(eta_seconds)}")
+      message += (
+        f", {100 * step / self._num_train_steps:.1f}% "
+        f"({step}/{self._num_train_steps}), "
+        f"ETA: {_format_secs(eta_seconds)}"
+      )
     if self._time_per_part:
       total = time.monotonic() - self._t0
-      message += " ({} : {})".format(_format_secs(total), ", ".join(
+      message += " ({} : {})".format(
+        _format_secs(total),
+        ", ".join(
           f"{100 * dt / total:.1f}% {name}"
-          for name, dt in sorted(self._time_per_part.items())))
+          for name, dt in sorted(self._time_per_part.items())
+        ),
+      )
     logging.info("Setting work unit notes: %s", message)  # clu's wording.
     if self._writer is not None:
       self._writer.write_scalars(step, {"steps_per_sec": steps_per_sec})
@@ -273,6 +308,7 @@ def _barrier():
   if _square is None:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
     _square = (jax.jit(lambda x: x**2), jnp)
   square, jnp = _square
   return square(jnp.array(0.0))
@@ -285,8 +321,13 @@ def _barrier():
 _DT_FLOAT = 1
 
 
-def _event(wall_time: float, step: int, *, file_version: str | None = None,
-           summary: bytes | None = None) -> bytes:
+def _event(
+  wall_time: float,
+  step: int,
+  *,
+  file_version: str | None = None,
+  summary: bytes | None = None,
+) -> bytes:
   """An `Event`: wall_time = 1 (double), step = 2, file_version = 3,
   summary = 5."""
   out = _key(1, 1) + struct.pack("<d", wall_time)
@@ -307,11 +348,18 @@ def _scalar_summary(tag: str, value: float) -> bytes:
   float32)}; SummaryMetadata {plugin_data = 1 {plugin_name = 1}}. The same
   bytes as TensorFlow 2.21's.
   """
-  tensor = (_key(1, 0) + _varint(_DT_FLOAT) + _bytes_field(2, b"") +
-            _bytes_field(4, _float32_bytes(value)))
+  tensor = (
+    _key(1, 0)
+    + _varint(_DT_FLOAT)
+    + _bytes_field(2, b"")
+    + _bytes_field(4, _float32_bytes(value))
+  )
   metadata = _bytes_field(1, _bytes_field(1, b"scalars"))
-  value_msg = (_bytes_field(1, tag.encode()) + _bytes_field(8, tensor) +
-               _bytes_field(9, metadata))
+  value_msg = (
+    _bytes_field(1, tag.encode())
+    + _bytes_field(8, tensor)
+    + _bytes_field(9, metadata)
+  )
   return _bytes_field(1, value_msg)
 
 

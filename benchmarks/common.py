@@ -58,19 +58,19 @@ def environment() -> dict[str, Any]:
   """Backend, devices and library versions, as a JSON-able dict."""
   devices = jax.local_devices()
   env = {
-      "backend": jax.default_backend(),
-      "device_kind": devices[0].device_kind,
-      "local_device_count": len(devices),
-      "device_count": jax.device_count(),
-      "host": platform.node(),
-      "cpu_count": os.cpu_count(),
-      # Other processes on the host slow every figure: report the load.
-      "load_average_1min": os.getloadavg()[0],
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jaxlib": _version("jaxlib"),
-      "flax": _version("flax"),
-      "optax": _version("optax"),
+    "backend": jax.default_backend(),
+    "device_kind": devices[0].device_kind,
+    "local_device_count": len(devices),
+    "device_count": jax.device_count(),
+    "host": platform.node(),
+    "cpu_count": os.cpu_count(),
+    # Other processes on the host slow every figure: report the load.
+    "load_average_1min": os.getloadavg()[0],
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": _version("jaxlib"),
+    "flax": _version("flax"),
+    "optax": _version("optax"),
   }
   # The torch version from its metadata: importing torch here would cost
   # seconds and, on a GPU, a CUDA context in a JAX-only benchmark.
@@ -85,12 +85,16 @@ def print_header(title: str, **settings: Any) -> dict[str, Any]:
   """Prints the environment and the run's settings; returns both."""
   env = environment()
   print(f"== {title}")
-  print(f"backend={env['backend']} device_kind={env['device_kind']!r} "
-        f"local_devices={env['local_device_count']} "
-        f"cpus={env['cpu_count']} "
-        f"load_average_1min={env['load_average_1min']:.2f}")
-  print(f"jax={env['jax']} jaxlib={env['jaxlib']} flax={env['flax']} "
-        f"optax={env['optax']} torch={env['torch']}")
+  print(
+    f"backend={env['backend']} device_kind={env['device_kind']!r} "
+    f"local_devices={env['local_device_count']} "
+    f"cpus={env['cpu_count']} "
+    f"load_average_1min={env['load_average_1min']:.2f}"
+  )
+  print(
+    f"jax={env['jax']} jaxlib={env['jaxlib']} flax={env['flax']} "
+    f"optax={env['optax']} torch={env['torch']}"
+  )
   if settings:
     print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
   sys.stdout.flush()
@@ -175,36 +179,55 @@ class CompileCounter:
 # Synthetic CIFAR-shaped data and a ready-to-run step.
 
 
-def synthetic_arrays(num_examples: int, num_classes: int = CIFAR_CLASSES,
-                     image_shape: Sequence[int] = CIFAR_SHAPE,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_arrays(
+  num_examples: int,
+  num_classes: int = CIFAR_CLASSES,
+  image_shape: Sequence[int] = CIFAR_SHAPE,
+  seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
   """Random uint8 images [N, H, W, C] and int32 labels [N] on the host."""
   rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, (num_examples,) + tuple(image_shape),
-                        dtype=np.uint8)
+  images = rng.integers(
+    0, 256, (num_examples,) + tuple(image_shape), dtype=np.uint8
+  )
   labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
   return images, labels
 
 
-def synthetic_dataset(num_train: int, num_test: int,
-                      num_classes: int = CIFAR_CLASSES,
-                      image_shape: Sequence[int] = CIFAR_SHAPE
-                      ) -> data_lib.Dataset:
+def synthetic_dataset(
+  num_train: int,
+  num_test: int,
+  num_classes: int = CIFAR_CLASSES,
+  image_shape: Sequence[int] = CIFAR_SHAPE,
+) -> data_lib.Dataset:
   """A CIFAR-shaped `data.Dataset` of random images and labels."""
-  train_images, train_labels = synthetic_arrays(num_train, num_classes,
-                                                image_shape, seed=0)
-  test_images, test_labels = synthetic_arrays(num_test, num_classes,
-                                              image_shape, seed=1)
-  return data_lib.Dataset(name="synthetic", train_images=train_images,
-                          train_labels=train_labels, test_images=test_images,
-                          test_labels=test_labels, num_classes=num_classes)
+  train_images, train_labels = synthetic_arrays(
+    num_train, num_classes, image_shape, seed=0
+  )
+  test_images, test_labels = synthetic_arrays(
+    num_test, num_classes, image_shape, seed=1
+  )
+  return data_lib.Dataset(
+    name="synthetic",
+    train_images=train_images,
+    train_labels=train_labels,
+    test_images=test_images,
+    test_labels=test_labels,
+    num_classes=num_classes,
+  )
 
 
-def benchmark_config(method: str, *, model_name: str = "preact_resnet18",
-                     compute_dtype: str = "float32",
-                     bank_dtype: str = "float32", batch_size: int = 128,
-                     num_epochs: int = 300, seed: int = 0,
-                     channels: int = 3) -> ml_collections.ConfigDict:
+def benchmark_config(
+  method: str,
+  *,
+  model_name: str = "preact_resnet18",
+  compute_dtype: str = "float32",
+  bank_dtype: str = "float32",
+  batch_size: int = 128,
+  num_epochs: int = 300,
+  seed: int = 0,
+  channels: int = 3,
+) -> ml_collections.ConfigDict:
   """configs/default.py (PS-KD's CIFAR-100 recipe) with these fields set."""
   config = default.get_config()
   config.method = method
@@ -219,9 +242,12 @@ def benchmark_config(method: str, *, model_name: str = "preact_resnet18",
   return config
 
 
-def random_teacher(stage: stage_lib.Stage, data: device_data.DeviceDataset,
-                   mesh: jax.sharding.Mesh, seed: int = 7
-                   ) -> step_lib.Teacher | None:
+def random_teacher(
+  stage: stage_lib.Stage,
+  data: device_data.DeviceDataset,
+  mesh: jax.sharding.Mesh,
+  seed: int = 7,
+) -> step_lib.Teacher | None:
   """A stand-in for a trained teacher, of the kind the stage's objective reads.
 
   Precomputed: a teacher-logit bank of random logits (scale 3), sharded by
@@ -233,15 +259,19 @@ def random_teacher(stage: stage_lib.Stage, data: device_data.DeviceDataset,
     return None
   if objective.teacher_mode == "online":
     variables = jax.jit(
-        lambda: stage.teacher_model.init(
-            jax.random.key(seed), np.zeros((1,) + data.image_shape,
-                                           np.float32), train=False),
-        out_shardings=banks.replicated(mesh))()
+      lambda: stage.teacher_model.init(
+        jax.random.key(seed),
+        np.zeros((1,) + data.image_shape, np.float32),
+        train=False,
+      ),
+      out_shardings=banks.replicated(mesh),
+    )()
     return step_lib.Teacher(variables=variables)
   rng = np.random.default_rng(seed)
   logits = 3.0 * rng.standard_normal((data.layout.num_rows, data.num_classes))
-  return step_lib.Teacher(logits=banks.put_sharded(
-      logits.astype(stage.bank_dtype), mesh))
+  return step_lib.Teacher(
+    logits=banks.put_sharded(logits.astype(stage.bank_dtype), mesh)
+  )
 
 
 @dataclasses.dataclass
@@ -267,13 +297,20 @@ class StepBench:
     return self.state, self.metrics
 
 
-def build_step(method: str, *, mesh: jax.sharding.Mesh, batch_size: int,
-               model_name: str = "preact_resnet18",
-               compute_dtype: str = "float32", bank_dtype: str = "float32",
-               num_examples: int = CIFAR_TRAIN,
-               num_classes: int = CIFAR_CLASSES,
-               image_shape: Sequence[int] = CIFAR_SHAPE,
-               num_epochs: int = 300, seed: int = 0) -> StepBench:
+def build_step(
+  method: str,
+  *,
+  mesh: jax.sharding.Mesh,
+  batch_size: int,
+  model_name: str = "preact_resnet18",
+  compute_dtype: str = "float32",
+  bank_dtype: str = "float32",
+  num_examples: int = CIFAR_TRAIN,
+  num_classes: int = CIFAR_CLASSES,
+  image_shape: Sequence[int] = CIFAR_SHAPE,
+  num_epochs: int = 300,
+  seed: int = 0,
+) -> StepBench:
   """Builds `method`'s student stage as a run does, on synthetic data.
 
   The config is configs/default.py with the given fields; the data is a
@@ -282,22 +319,36 @@ def build_step(method: str, *, mesh: jax.sharding.Mesh, batch_size: int,
   step data are those of the stage's first step.
   """
   config = benchmark_config(
-      method, model_name=model_name, compute_dtype=compute_dtype,
-      bank_dtype=bank_dtype, batch_size=batch_size, num_epochs=num_epochs,
-      seed=seed, channels=image_shape[-1])
+    method,
+    model_name=model_name,
+    compute_dtype=compute_dtype,
+    bank_dtype=bank_dtype,
+    batch_size=batch_size,
+    num_epochs=num_epochs,
+    seed=seed,
+    channels=image_shape[-1],
+  )
   objective = run_config.validate(config)
   num_devices = mesh.devices.size
   data = device_data.place_dataset(
-      synthetic_dataset(num_examples, num_devices, num_classes, image_shape),
-      mesh, config)
-  stage = stage_lib.build_stage("student", objective, num_epochs, config,
-                                data, num_devices)
-  step_data = stage_lib.step_data(stage, data, mesh, epoch=0,
-                                  teacher=random_teacher(stage, data, mesh))
+    synthetic_dataset(num_examples, num_devices, num_classes, image_shape),
+    mesh,
+    config,
+  )
+  stage = stage_lib.build_stage(
+    "student", objective, num_epochs, config, data, num_devices
+  )
+  step_data = stage_lib.step_data(
+    stage, data, mesh, epoch=0, teacher=random_teacher(stage, data, mesh)
+  )
   return StepBench(
-      method=method, step_fn=stage_lib.make_train_step(stage, mesh),
-      state=stage_lib.create_train_state(stage, data, mesh), data=step_data,
-      batch_size=batch_size, steps_per_epoch=stage.steps_per_epoch)
+    method=method,
+    step_fn=stage_lib.make_train_step(stage, mesh),
+    state=stage_lib.create_train_state(stage, data, mesh),
+    data=step_data,
+    batch_size=batch_size,
+    steps_per_epoch=stage.steps_per_epoch,
+  )
 
 
 def first_call(bench: StepBench) -> dict[str, float]:
@@ -307,15 +358,18 @@ def first_call(bench: StepBench) -> dict[str, float]:
   traces_before = counter.traces
   start = time.perf_counter()
   jax.block_until_ready(bench.run(1))
-  return {"first_call_s": time.perf_counter() - start,
-          "traces_in_first_call": counter.traces - traces_before,
-          # 0 with a persistent-compilation-cache hit.
-          "compiles_in_first_call": counter.count - before,
-          "xla_compile_s": counter.seconds - seconds_before}
+  return {
+    "first_call_s": time.perf_counter() - start,
+    "traces_in_first_call": counter.traces - traces_before,
+    # 0 with a persistent-compilation-cache hit.
+    "compiles_in_first_call": counter.count - before,
+    "xla_compile_s": counter.seconds - seconds_before,
+  }
 
 
-def measure_steps(benches: Sequence[StepBench], *, steps_per_run: int,
-                  warmup: int, repeats: int) -> list[dict[str, Any]]:
+def measure_steps(
+  benches: Sequence[StepBench], *, steps_per_run: int, warmup: int, repeats: int
+) -> list[dict[str, Any]]:
   """Times runs of `steps_per_run` consecutive steps of each bench.
 
   Each bench first gets its compiling first call and `warmup` untimed runs;
@@ -349,22 +403,26 @@ def measure_steps(benches: Sequence[StepBench], *, steps_per_run: int,
     recompiles = retraces = None
   for result, bench, per_step in zip(results, benches, runs):
     median = statistics.median(per_step)
-    result.update({
+    result.update(
+      {
         "step_s": median,
         "step_s_runs": per_step,
         "images_per_s": bench.batch_size / median,
         # Counted over all benches of the call: any nonzero is a problem.
         "retraces_after_first_call": retraces,
         "recompiles_after_first_call": recompiles,
-    })
+      }
+    )
   return results
 
 
-def measure_step(bench: StepBench, *, steps_per_run: int, warmup: int,
-                 repeats: int) -> dict[str, Any]:
+def measure_step(
+  bench: StepBench, *, steps_per_run: int, warmup: int, repeats: int
+) -> dict[str, Any]:
   """`measure_steps` for one bench."""
-  return measure_steps([bench], steps_per_run=steps_per_run, warmup=warmup,
-                       repeats=repeats)[0]
+  return measure_steps(
+    [bench], steps_per_run=steps_per_run, warmup=warmup, repeats=repeats
+  )[0]
 
 
 def full_bank_copies(bench: StepBench) -> int:
@@ -378,6 +436,8 @@ def full_bank_copies(bench: StepBench) -> int:
   dtype = {"float32": "f32", "bfloat16": "bf16"}[bank.dtype.name]
   token = f"{dtype}[{','.join(str(d) for d in local_shape)}]"
   text = bench.step_fn.lower(bench.state, bench.data).compile().as_text()
-  return sum(1 for line in text.splitlines()
-             if " copy(" in line and line.strip().split("=")[1].strip()
-             .startswith(token))
+  return sum(
+    1
+    for line in text.splitlines()
+    if " copy(" in line and line.strip().split("=")[1].strip().startswith(token)
+  )

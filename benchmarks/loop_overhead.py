@@ -56,7 +56,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from aikd_jax import banks  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -79,38 +78,55 @@ class PhaseLog:
   def __call__(self, phase: str):
     start = time.perf_counter()
     yield
-    self.events[phase].append((start, time.perf_counter(),
-                               self.counter.count))
+    self.events[phase].append((start, time.perf_counter(), self.counter.count))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default="preact_resnet18",
-                      choices=("preact_resnet18", "tiny_cnn"))
+  parser.add_argument(
+    "--model",
+    default="preact_resnet18",
+    choices=("preact_resnet18", "tiny_cnn"),
+  )
   parser.add_argument("--method", default="ai_kd")
-  parser.add_argument("--dtype", default="float32",
-                      choices=("float32", "bfloat16"))
+  parser.add_argument(
+    "--dtype", default="float32", choices=("float32", "bfloat16")
+  )
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--eval_batch_size", type=int, default=1000)
   parser.add_argument("--num_examples", type=int, default=common.CIFAR_TRAIN)
   parser.add_argument("--num_test", type=int, default=common.CIFAR_TEST)
-  parser.add_argument("--epochs", type=int, default=4,
-                      help="epochs of the loop; epochs 2..E-1 are timed")
+  parser.add_argument(
+    "--epochs",
+    type=int,
+    default=4,
+    help="epochs of the loop; epochs 2..E-1 are timed",
+  )
   parser.add_argument("--log_every_steps", type=int, default=100)
-  parser.add_argument("--repeats", type=int, default=4,
-                      help="timed epochs of steps alone (half before the "
-                      "loop, half after) and timed eval passes")
-  parser.add_argument("--workdir", default="",
-                      help="where the loop writes (default: a temp dir, "
-                      "removed afterwards)")
+  parser.add_argument(
+    "--repeats",
+    type=int,
+    default=4,
+    help="timed epochs of steps alone (half before the "
+    "loop, half after) and timed eval passes",
+  )
+  parser.add_argument(
+    "--workdir",
+    default="",
+    help="where the loop writes (default: a temp dir, removed afterwards)",
+  )
   parser.add_argument("--out", default="", help="JSON file for the figures")
   return parser.parse_args(argv)
 
 
 def _config(args):
   config = common.benchmark_config(
-      args.method, model_name=args.model, compute_dtype=args.dtype,
-      batch_size=args.batch_size, num_epochs=args.epochs)
+    args.method,
+    model_name=args.model,
+    compute_dtype=args.dtype,
+    batch_size=args.batch_size,
+    num_epochs=args.epochs,
+  )
   config.eval_batch_size = args.eval_batch_size
   config.log_every_steps = args.log_every_steps
   config.checkpoint_every_epochs = 1
@@ -126,19 +142,27 @@ def main(argv=None) -> int:
   objective = run_config.validate(config)
   mesh = banks.data_mesh()
   report = common.print_header(
-      "loop_overhead", model=args.model, method=args.method,
-      dtype=args.dtype, batch_size=args.batch_size,
-      eval_batch_size=args.eval_batch_size, num_examples=args.num_examples,
-      num_test=args.num_test, epochs=args.epochs,
-      log_every_steps=args.log_every_steps, repeats=args.repeats,
-      mesh_devices=mesh.devices.size)
+    "loop_overhead",
+    model=args.model,
+    method=args.method,
+    dtype=args.dtype,
+    batch_size=args.batch_size,
+    eval_batch_size=args.eval_batch_size,
+    num_examples=args.num_examples,
+    num_test=args.num_test,
+    epochs=args.epochs,
+    log_every_steps=args.log_every_steps,
+    repeats=args.repeats,
+    mesh_devices=mesh.devices.size,
+  )
   counter = common.CompileCounter.get()
 
   data = device_data.place_dataset(
-      common.synthetic_dataset(args.num_examples, args.num_test), mesh,
-      config)
-  stage = stage_lib.build_stage("student", objective, args.epochs, config,
-                                data, mesh.devices.size)
+    common.synthetic_dataset(args.num_examples, args.num_test), mesh, config
+  )
+  stage = stage_lib.build_stage(
+    "student", objective, args.epochs, config, data, mesh.devices.size
+  )
   teacher = common.random_teacher(stage, data, mesh)
   steps_per_epoch = stage.steps_per_epoch
 
@@ -166,13 +190,15 @@ def main(argv=None) -> int:
     compiles_before = counter.count
     loop_start = time.perf_counter()
     with SignalFlag() as signals:
-      state = train.train_stage(stage, config, data, mesh, workdir, signals,
-                                teacher, time_phase=phases)
+      state = train.train_stage(
+        stage, config, data, mesh, workdir, signals, teacher, time_phase=phases
+      )
     loop_end = time.perf_counter()
     loop_compiles = counter.count - compiles_before
 
-    epoch_runs += common.timed_runs(lambda: run_steps(steps_per_epoch), 0,
-                                    max(1, args.repeats - half))
+    epoch_runs += common.timed_runs(
+      lambda: run_steps(steps_per_epoch), 0, max(1, args.repeats - half)
+    )
     steps_alone = statistics.median(epoch_runs)
     steps_compiles = counter.count - steps_before - loop_compiles
 
@@ -186,16 +212,19 @@ def main(argv=None) -> int:
     for k in steady:
       lo, hi = ends[k - 1], ends[k]
       within = lambda name: [e for e in events[name] if lo <= e[0] < hi]
-      windows.append({
+      windows.append(
+        {
           "epoch": k,
           "seconds": hi - lo,
           "eval_s": sum(e[1] - e[0] for e in within("eval")),
           "flush_s": sum(e[1] - e[0] for e in within("log")),
           "flushes": len(within("log")),
-          "checkpoint_save_call_s": sum(e[1] - e[0]
-                                        for e in within("checkpoint")),
+          "checkpoint_save_call_s": sum(
+            e[1] - e[0] for e in within("checkpoint")
+          ),
           "compiles": counts[k] - counts[k - 1],
-      })
+        }
+      )
     median_of = lambda key: statistics.median(w[key] for w in windows)
     loop_epoch = median_of("seconds")
     eval_s, flush_s = median_of("eval_s"), median_of("flush_s")
@@ -206,14 +235,16 @@ def main(argv=None) -> int:
     tail = loop_end - ends[-1]
 
     # Evaluation throughput: the stage's predict fn over the test split.
-    predict = stage_lib.make_predict_fn(stage, data, mesh,
-                                        config.eval_batch_size)
+    predict = stage_lib.make_predict_fn(
+      stage, data, mesh, config.eval_batch_size
+    )
     variables = state.student.variables
     start = time.perf_counter()
     jax.block_until_ready(predict(variables, data.test_images))
     eval_first = time.perf_counter() - start
-    eval_s_call = common.timed(lambda: predict(variables, data.test_images),
-                               1, args.repeats)
+    eval_s_call = common.timed(
+      lambda: predict(variables, data.test_images), 1, args.repeats
+    )
   finally:
     if not args.workdir:
       shutil.rmtree(workdir, ignore_errors=True)
@@ -221,60 +252,74 @@ def main(argv=None) -> int:
   ratio = loop_epoch / steps_alone
   num_test = len(data.test_labels)
   figures = {
-      "steps_per_epoch": steps_per_epoch,
-      "flushes_per_epoch": flushes,
-      "loop_total_s": loop_end - loop_start,
-      "first_epoch_s": first_epoch,
-      "loop_epoch_s": loop_epoch,
-      "loop_epoch_windows": windows,
-      "loop_epoch_eval_s": eval_s,
-      "loop_epoch_flush_s": flush_s,
-      "loop_epoch_checkpoint_save_call_s": save_s,
-      "loop_epoch_compiles": window_compiles,
-      "loop_compiles_total": loop_compiles,
-      "tail_after_last_eval_s": tail,
-      "steps_alone_epoch_s": steps_alone,
-      "steps_alone_epoch_runs_s": epoch_runs,
-      "steps_alone_compiles_after_first": steps_compiles,
-      "step_s_alone": steps_alone / steps_per_epoch,
-      "loop_over_steps_ratio": ratio,
-      "loop_minus_eval_over_steps_ratio": (loop_epoch - eval_s) / steps_alone,
-      "eval_images": num_test,
-      "eval_first_call_s": eval_first,
-      "eval_s": eval_s_call,
-      "eval_images_per_s": num_test / eval_s_call,
+    "steps_per_epoch": steps_per_epoch,
+    "flushes_per_epoch": flushes,
+    "loop_total_s": loop_end - loop_start,
+    "first_epoch_s": first_epoch,
+    "loop_epoch_s": loop_epoch,
+    "loop_epoch_windows": windows,
+    "loop_epoch_eval_s": eval_s,
+    "loop_epoch_flush_s": flush_s,
+    "loop_epoch_checkpoint_save_call_s": save_s,
+    "loop_epoch_compiles": window_compiles,
+    "loop_compiles_total": loop_compiles,
+    "tail_after_last_eval_s": tail,
+    "steps_alone_epoch_s": steps_alone,
+    "steps_alone_epoch_runs_s": epoch_runs,
+    "steps_alone_compiles_after_first": steps_compiles,
+    "step_s_alone": steps_alone / steps_per_epoch,
+    "loop_over_steps_ratio": ratio,
+    "loop_minus_eval_over_steps_ratio": (loop_epoch - eval_s) / steps_alone,
+    "eval_images": num_test,
+    "eval_first_call_s": eval_first,
+    "eval_s": eval_s_call,
+    "eval_images_per_s": num_test / eval_s_call,
   }
   report["figures"] = figures
-  print(f"steps per epoch: {steps_per_epoch} (batch {args.batch_size}); "
-        f"metric fetches in the timed epoch: {figures['flushes_per_epoch']}")
-  print(f"first epoch (initial state, compilation, steps, eval, first "
-        f"checkpoint): {first_epoch:.2f} s")
+  print(
+    f"steps per epoch: {steps_per_epoch} (batch {args.batch_size}); "
+    f"metric fetches in the timed epoch: {figures['flushes_per_epoch']}"
+  )
+  print(
+    f"first epoch (initial state, compilation, steps, eval, first "
+    f"checkpoint): {first_epoch:.2f} s"
+  )
   window_epochs = ",".join(str(w["epoch"]) for w in windows)
   window_times = ", ".join(f"{w['seconds']:.3f}" for w in windows)
-  print(f"loop epoch (median over epochs {window_epochs} of "
-        f"0..{args.epochs - 1}: {window_times} s; "
-        f"each = checkpoint save of the previous epoch + {steps_per_epoch} "
-        f"steps + metric fetches + eval): {loop_epoch:.3f} s; of which eval "
-        f"{eval_s:.3f} s, in metric "
-        f"fetches {flush_s:.3f} s (mostly waiting for the device), in "
-        f"checkpoint save() calls {save_s:.3f} s; compilations in it: "
-        f"{window_compiles}")
+  print(
+    f"loop epoch (median over epochs {window_epochs} of "
+    f"0..{args.epochs - 1}: {window_times} s; "
+    f"each = checkpoint save of the previous epoch + {steps_per_epoch} "
+    f"steps + metric fetches + eval): {loop_epoch:.3f} s; of which eval "
+    f"{eval_s:.3f} s, in metric "
+    f"fetches {flush_s:.3f} s (mostly waiting for the device), in "
+    f"checkpoint save() calls {save_s:.3f} s; compilations in it: "
+    f"{window_compiles}"
+  )
   alone_times = ", ".join(f"{t:.3f}" for t in epoch_runs)
-  print(f"steps alone ({steps_per_epoch} consecutive steps, blocked at the "
-        f"end, median of {len(epoch_runs)} runs, before and after the loop: "
-        f"{alone_times} s): {steps_alone:.3f} s "
-        f"({1e3 * steps_alone / steps_per_epoch:.2f} ms/step, "
-        f"{args.batch_size * steps_per_epoch / steps_alone:.1f} images/s); "
-        f"recompilations: {steps_compiles}")
-  print(f"tail after the last eval (final checkpoint save + wait, results "
-        f"file): {tail:.2f} s")
+  print(
+    f"steps alone ({steps_per_epoch} consecutive steps, blocked at the "
+    f"end, median of {len(epoch_runs)} runs, before and after the loop: "
+    f"{alone_times} s): {steps_alone:.3f} s "
+    f"({1e3 * steps_alone / steps_per_epoch:.2f} ms/step, "
+    f"{args.batch_size * steps_per_epoch / steps_alone:.1f} images/s); "
+    f"recompilations: {steps_compiles}"
+  )
+  print(
+    f"tail after the last eval (final checkpoint save + wait, results "
+    f"file): {tail:.2f} s"
+  )
   print(f"loop/steps time ratio: {ratio:.2f}")
-  print(f"  (loop minus eval)/steps time ratio: "
-        f"{figures['loop_minus_eval_over_steps_ratio']:.2f}")
-  print(f"eval throughput: {num_test / eval_s_call:.1f} images/s "
-        f"(predict fn over {num_test} test images, eval batch "
-        f"{args.eval_batch_size}, {1e3 * eval_s_call:.1f} ms per pass; first "
-        f"call {eval_first:.2f} s)")
+  print(
+    f"  (loop minus eval)/steps time ratio: "
+    f"{figures['loop_minus_eval_over_steps_ratio']:.2f}"
+  )
+  print(
+    f"eval throughput: {num_test / eval_s_call:.1f} images/s "
+    f"(predict fn over {num_test} test images, eval batch "
+    f"{args.eval_batch_size}, {1e3 * eval_s_call:.1f} ms per pass; first "
+    f"call {eval_first:.2f} s)"
+  )
   common.write_json(args.out, report)
   if args.out:
     print(f"wrote {args.out}")

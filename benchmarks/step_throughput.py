@@ -40,31 +40,60 @@ def _count(value) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batch_sizes", default="128,512",
-                      help="global batch sizes, comma-separated")
-  parser.add_argument("--methods", default=DEFAULT_METHODS,
-                      help="objective presets, comma-separated")
-  parser.add_argument("--dtype", default="float32",
-                      choices=("float32", "bfloat16"),
-                      help="compute dtype (parameters stay float32)")
-  parser.add_argument("--bank_dtype", default="float32",
-                      choices=("float32", "bfloat16"))
-  parser.add_argument("--model", default="preact_resnet18",
-                      choices=("preact_resnet18", "tiny_cnn"))
-  parser.add_argument("--num_examples", type=int,
-                      default=common.CIFAR_TRAIN,
-                      help="synthetic training-set size (bank rows)")
-  parser.add_argument("--steps_per_run", type=int, default=10,
-                      help="consecutive steps per timed run")
-  parser.add_argument("--warmup", type=int, default=1,
-                      help="untimed runs after the first (compiling) call")
-  parser.add_argument("--repeats", type=int, default=5,
-                      help="timed runs; the median is reported")
-  parser.add_argument("--check_bank_copies", action="store_true",
-                      help="also count whole-bank copies in each compiled "
-                      "step (compiles each step once more)")
-  parser.add_argument("--out", default="",
-                      help="write all figures to this JSON file")
+  parser.add_argument(
+    "--batch_sizes",
+    default="128,512",
+    help="global batch sizes, comma-separated",
+  )
+  parser.add_argument(
+    "--methods",
+    default=DEFAULT_METHODS,
+    help="objective presets, comma-separated",
+  )
+  parser.add_argument(
+    "--dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="compute dtype (parameters stay float32)",
+  )
+  parser.add_argument(
+    "--bank_dtype", default="float32", choices=("float32", "bfloat16")
+  )
+  parser.add_argument(
+    "--model",
+    default="preact_resnet18",
+    choices=("preact_resnet18", "tiny_cnn"),
+  )
+  parser.add_argument(
+    "--num_examples",
+    type=int,
+    default=common.CIFAR_TRAIN,
+    help="synthetic training-set size (bank rows)",
+  )
+  parser.add_argument(
+    "--steps_per_run",
+    type=int,
+    default=10,
+    help="consecutive steps per timed run",
+  )
+  parser.add_argument(
+    "--warmup",
+    type=int,
+    default=1,
+    help="untimed runs after the first (compiling) call",
+  )
+  parser.add_argument(
+    "--repeats", type=int, default=5, help="timed runs; the median is reported"
+  )
+  parser.add_argument(
+    "--check_bank_copies",
+    action="store_true",
+    help="also count whole-bank copies in each compiled "
+    "step (compiles each step once more)",
+  )
+  parser.add_argument(
+    "--out", default="", help="write all figures to this JSON file"
+  )
   return parser.parse_args(argv)
 
 
@@ -74,53 +103,90 @@ def main(argv=None) -> int:
   methods = common.str_list(args.methods)
   mesh = banks.data_mesh()
   report = common.print_header(
-      "step_throughput", model=args.model, dtype=args.dtype,
-      bank_dtype=args.bank_dtype, batch_sizes=args.batch_sizes,
-      methods=",".join(methods), num_examples=args.num_examples,
-      steps_per_run=args.steps_per_run, warmup=args.warmup,
-      repeats=args.repeats, mesh_devices=mesh.devices.size)
+    "step_throughput",
+    model=args.model,
+    dtype=args.dtype,
+    bank_dtype=args.bank_dtype,
+    batch_sizes=args.batch_sizes,
+    methods=",".join(methods),
+    num_examples=args.num_examples,
+    steps_per_run=args.steps_per_run,
+    warmup=args.warmup,
+    repeats=args.repeats,
+    mesh_devices=mesh.devices.size,
+  )
   report["results"] = []
-  header = (f"{'batch':>6} {'method':<13} {'teacher':<11} {'step ms':>9} "
-            f"{'images/s':>10} {'first call s':>12} {'retraces/recompiles':>19}")
+  header = (
+    f"{'batch':>6} {'method':<13} {'teacher':<11} {'step ms':>9} "
+    f"{'images/s':>10} {'first call s':>12} {'retraces/recompiles':>19}"
+  )
   print(header)
   ratios = {}
   for batch in batch_sizes:
-    benches = [common.build_step(
-        method, mesh=mesh, batch_size=batch, model_name=args.model,
-        compute_dtype=args.dtype, bank_dtype=args.bank_dtype,
-        num_examples=args.num_examples) for method in methods]
-    results = common.measure_steps(benches, steps_per_run=args.steps_per_run,
-                                   warmup=args.warmup, repeats=args.repeats)
+    benches = [
+      common.build_step(
+        method,
+        mesh=mesh,
+        batch_size=batch,
+        model_name=args.model,
+        compute_dtype=args.dtype,
+        bank_dtype=args.bank_dtype,
+        num_examples=args.num_examples,
+      )
+      for method in methods
+    ]
+    results = common.measure_steps(
+      benches,
+      steps_per_run=args.steps_per_run,
+      warmup=args.warmup,
+      repeats=args.repeats,
+    )
     times = {}
     for method, bench, figures in zip(methods, benches, results):
       teacher = {"ai_kd": "precomputed", "ai_kd_online": "online"}.get(
-          method, "-")
+        method, "-"
+      )
       times[method] = figures["step_s"]
       if args.check_bank_copies:
         figures["full_bank_copies_in_hlo"] = common.full_bank_copies(bench)
-      row = {"batch_size": batch, "method": method, "teacher": teacher,
-             "dtype": args.dtype, "model": args.model, **figures}
+      row = {
+        "batch_size": batch,
+        "method": method,
+        "teacher": teacher,
+        "dtype": args.dtype,
+        "model": args.model,
+        **figures,
+      }
       report["results"].append(row)
-      print(f"{batch:>6} {method:<13} {teacher:<11} "
-            f"{1e3 * figures['step_s']:>9.2f} "
-            f"{figures['images_per_s']:>10.1f} "
-            f"{figures['first_call_s']:>12.1f} "
-            f"{_count(figures['retraces_after_first_call']):>9}/"
-            f"{_count(figures['recompiles_after_first_call']):<9}"
-            + (f" full-bank copies per step: "
-               f"{figures['full_bank_copies_in_hlo']}"
-               if args.check_bank_copies else ""), flush=True)
+      print(
+        f"{batch:>6} {method:<13} {teacher:<11} "
+        f"{1e3 * figures['step_s']:>9.2f} "
+        f"{figures['images_per_s']:>10.1f} "
+        f"{figures['first_call_s']:>12.1f} "
+        f"{_count(figures['retraces_after_first_call']):>9}/"
+        f"{_count(figures['recompiles_after_first_call']):<9}"
+        + (
+          f" full-bank copies per step: {figures['full_bank_copies_in_hlo']}"
+          if args.check_bank_copies
+          else ""
+        ),
+        flush=True,
+      )
     del benches  # frees the carries and data before the next batch size
     for other in ("ai_kd", "ps_kd", "ai_kd_online"):
       if other in times and "ce" in times:
         ratios[f"{other}/ce@{batch}"] = times[other] / times["ce"]
     if "ai_kd" in times and "ce" in times:
-      print(f"ai_kd/ce step time ratio: {times['ai_kd'] / times['ce']:.2f} "
-            f"(batch {batch}, {args.dtype}, {args.model})")
+      print(
+        f"ai_kd/ce step time ratio: {times['ai_kd'] / times['ce']:.2f} "
+        f"(batch {batch}, {args.dtype}, {args.model})"
+      )
     for other in ("ps_kd", "ai_kd_online"):
       if other in times and "ce" in times:
-        print(f"  {other}/ce step time ratio: "
-              f"{times[other] / times['ce']:.2f} (batch {batch})")
+        print(
+          f"  {other}/ce step time ratio: "
+          f"{times[other] / times['ce']:.2f} (batch {batch})"
+        )
     sys.stdout.flush()
     common.write_json(args.out, {**report, "ratios": ratios})
   report["ratios"] = ratios

@@ -68,7 +68,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from aikd_jax import losses, models, optim  # noqa: E402
+from aikd_jax import losses  # noqa: E402
+from aikd_jax import models  # noqa: E402
+from aikd_jax import optim  # noqa: E402
 
 MEAN = torch_reference.MEAN
 STD = torch_reference.STD

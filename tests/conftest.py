@@ -58,8 +58,9 @@ try:
   jax.config.update("jax_num_cpu_devices", NUM_CPU_DEVICES)
 except RuntimeError as error:  # The backend started before this file ran.
   raise RuntimeError(
-      "tests/conftest.py must set the CPU device count before JAX starts its "
-      "backend, but a JAX operation ran first (in a plugin?).") from error
+    "tests/conftest.py must set the CPU device count before JAX starts its "
+    "backend, but a JAX operation ran first (in a plugin?)."
+  ) from error
 
 # The one-device view (see the module docstring). The originals stay
 # reachable for `eight_devices`.
@@ -79,7 +80,8 @@ jax.devices = _first_device
 jax.local_devices = _first_local_device
 jax.device_count = lambda backend=None: len(_first_device(backend))
 jax.local_device_count = lambda backend=None: len(
-    _first_local_device(backend=backend))
+  _first_local_device(backend=backend)
+)
 
 
 def pytest_configure(config):
@@ -87,8 +89,9 @@ def pytest_configure(config):
   cache = getattr(config, "cache", None)
   if cache is None:  # -p no:cacheprovider
     return
-  jax.config.update("jax_compilation_cache_dir",
-                    str(cache.mkdir("jax-compilation-cache")))
+  jax.config.update(
+    "jax_compilation_cache_dir", str(cache.mkdir("jax-compilation-cache"))
+  )
   # Every program, however quick to compile: most here take under a second.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 

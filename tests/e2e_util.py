@@ -38,19 +38,28 @@ TMP_MARKER = ".orbax-checkpoint-tmp"
 STEPS_PER_EPOCH = 22
 TEACHER_EPOCHS = 2
 STUDENT_EPOCHS = 3
-SHORT_DIGITS = ("--config.num_epochs=3", "--config.teacher_num_epochs=2",
-                "--config.log_every_steps=5")
+SHORT_DIGITS = (
+  "--config.num_epochs=3",
+  "--config.teacher_num_epochs=2",
+  "--config.log_every_steps=5",
+)
 
 # A training log line: "[<step>] loss/..." written by clu's logging writer.
 STEP_LINE_PATTERN = r"\] \[\d+\] loss/"
 _LOSS_LINE = re.compile(r"\] \[(\d+)\] loss/")
 
 
-def main_command(workdir: str, *overrides: str,
-                 config: str = "configs/digits.py") -> list[str]:
+def main_command(
+  workdir: str, *overrides: str, config: str = "configs/digits.py"
+) -> list[str]:
   """The command line of a run: main.py, the config, --workdir, overrides."""
-  return [PYTHON, "main.py", f"--config={config}", f"--workdir={workdir}",
-          *overrides]
+  return [
+    PYTHON,
+    "main.py",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
 
 
 def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
@@ -61,8 +70,7 @@ def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
   env.pop("XLA_FLAGS", None)
   env.pop("JAX_NUM_CPU_DEVICES", None)
   if num_devices is not None:
-    env["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={num_devices}")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   return env
 
 
@@ -82,53 +90,86 @@ class Finished:
   stderr: str | None = None
 
   def lines(self, pattern: str) -> list[str]:
-    return [l for l in self.output.splitlines() if re.search(pattern, l)]
+    return [
+      line for line in self.output.splitlines() if re.search(pattern, line)
+    ]
 
   def tail(self, chars: int = 6000) -> str:
     return self.output[-chars:]
 
 
-def _run(command: list[str], num_devices: int | None, timeout: float,
-         separate_streams: bool, env: dict[str, str] | None = None
-         ) -> Finished:
+def _run(
+  command: list[str],
+  num_devices: int | None,
+  timeout: float,
+  separate_streams: bool,
+  env: dict[str, str] | None = None,
+) -> Finished:
   start = time.monotonic()
   proc = subprocess.run(
-      command, cwd=REPO_ROOT, env=env or subprocess_env(num_devices),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE if separate_streams else subprocess.STDOUT,
-      text=True, timeout=timeout, check=False)
+    command,
+    cwd=REPO_ROOT,
+    env=env or subprocess_env(num_devices),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE if separate_streams else subprocess.STDOUT,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
   seconds = time.monotonic() - start
   if not separate_streams:
     return Finished(proc.returncode, proc.stdout, seconds)
-  return Finished(proc.returncode, proc.stdout + proc.stderr, seconds,
-                  stdout=proc.stdout, stderr=proc.stderr)
+  return Finished(
+    proc.returncode,
+    proc.stdout + proc.stderr,
+    seconds,
+    stdout=proc.stdout,
+    stderr=proc.stderr,
+  )
 
 
-def run_main(workdir: str, *overrides: str, config: str = "configs/digits.py",
-             num_devices: int | None = None, timeout: float = 300.0,
-             separate_streams: bool = False) -> Finished:
+def run_main(
+  workdir: str,
+  *overrides: str,
+  config: str = "configs/digits.py",
+  num_devices: int | None = None,
+  timeout: float = 300.0,
+  separate_streams: bool = False,
+) -> Finished:
   """Runs main.py to the end; stdout and stderr together in `output`
   (and apart in `stdout`, `stderr` if `separate_streams`)."""
-  return _run(main_command(workdir, *overrides, config=config), num_devices,
-              timeout, separate_streams)
+  return _run(
+    main_command(workdir, *overrides, config=config),
+    num_devices,
+    timeout,
+    separate_streams,
+  )
 
 
-def run_python(*args: str, num_devices: int | None = None,
-               timeout: float = 600.0) -> Finished:
+def run_python(
+  *args: str, num_devices: int | None = None, timeout: float = 600.0
+) -> Finished:
   """`python *args` in the repository root (also first on PYTHONPATH, for
   `-c` snippets and `-m` modules), streams captured apart."""
   env = subprocess_env(num_devices)
   env["PYTHONPATH"] = os.pathsep.join(
-      [REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-  return _run([PYTHON, *args], num_devices, timeout, separate_streams=True,
-              env=env)
+    [REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+  )
+  return _run(
+    [PYTHON, *args], num_devices, timeout, separate_streams=True, env=env
+  )
 
 
-def run_module(module: str, *args: str, num_devices: int | None = None,
-               timeout: float = 600.0) -> Finished:
+def run_module(
+  module: str,
+  *args: str,
+  num_devices: int | None = None,
+  timeout: float = 600.0,
+) -> Finished:
   """`python -m module *args` in the repository root, streams apart."""
-  return run_python("-m", module, *args, num_devices=num_devices,
-                    timeout=timeout)
+  return run_python(
+    "-m", module, *args, num_devices=num_devices, timeout=timeout
+  )
 
 
 class MainProcess:
@@ -138,14 +179,20 @@ class MainProcess:
   measure how long the run took to reach a given point.
   """
 
-  def __init__(self, workdir: str, *overrides: str,
-               num_devices: int | None = None):
+  def __init__(
+    self, workdir: str, *overrides: str, num_devices: int | None = None
+  ):
     self.workdir = workdir
     self.start = time.monotonic()
     self.proc = subprocess.Popen(
-        main_command(workdir, *overrides), cwd=REPO_ROOT,
-        env=subprocess_env(num_devices), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, bufsize=1)
+      main_command(workdir, *overrides),
+      cwd=REPO_ROOT,
+      env=subprocess_env(num_devices),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      bufsize=1,
+    )
     self.lines: list[tuple[float, str]] = []
     self._lock = threading.Lock()
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -172,8 +219,12 @@ class MainProcess:
   def running(self) -> bool:
     return self.proc.poll() is None
 
-  def wait_until(self, condition: Callable[[], bool], timeout: float = 240.0,
-                 poll: float = 0.001) -> bool:
+  def wait_until(
+    self,
+    condition: Callable[[], bool],
+    timeout: float = 240.0,
+    poll: float = 0.001,
+  ) -> bool:
     """Polls `condition` until true (True) or the process ends (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -182,8 +233,10 @@ class MainProcess:
       if not self.running():
         return condition()
       time.sleep(poll)
-    raise TimeoutError(f"condition not met in {timeout}s; output:\n"
-                       + "\n".join(self.snapshot()[-40:]))
+    raise TimeoutError(
+      f"condition not met in {timeout}s; output:\n"
+      + "\n".join(self.snapshot()[-40:])
+    )
 
   def send(self, sig: int) -> bool:
     """Sends `sig`; False if the process had already exited."""
@@ -204,8 +257,9 @@ class MainProcess:
     return Finished(returncode, output, time.monotonic() - self.start)
 
 
-def logged_steps(lines: list[str], marker: str | None = None,
-                 exclude: str | None = None) -> list[int]:
+def logged_steps(
+  lines: list[str], marker: str | None = None, exclude: str | None = None
+) -> list[int]:
   """Steps of the "[step] loss/..." training-log lines, in order.
 
   `marker` keeps only lines containing it, `exclude` drops lines containing
@@ -261,24 +315,26 @@ def file_digests(root: str) -> dict[str, str]:
       path = os.path.join(dirpath, name)
       with open(path, "rb") as f:
         digests[os.path.relpath(path, root)] = hashlib.sha256(
-            f.read()).hexdigest()
+          f.read()
+        ).hexdigest()
   return digests
 
 
-def copy_workdir(source: str, target: str,
-                 stages: tuple[str, ...] = STAGES) -> str:
+def copy_workdir(
+  source: str, target: str, stages: tuple[str, ...] = STAGES
+) -> str:
   """Copies config.json and the named stages' folders of a workdir."""
   os.makedirs(target)
   shutil.copy2(os.path.join(source, "config.json"), target)
   for stage in stages:
     if os.path.isdir(os.path.join(source, stage)):
-      shutil.copytree(os.path.join(source, stage),
-                      os.path.join(target, stage))
+      shutil.copytree(os.path.join(source, stage), os.path.join(target, stage))
   return target
 
 
-def load_checkpoint(workdir: str, stage: str, step: int | None = None
-                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_checkpoint(
+  workdir: str, stage: str, step: int | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """A stage's checkpoint (the latest if `step` is None) as host arrays.
 
   Returns the `state` item flattened to {"path": np.ndarray} and the
@@ -293,13 +349,18 @@ def load_checkpoint(workdir: str, stage: str, step: int | None = None
     if step is None:
       step = manager.latest_step()
     assert step is not None, f"no checkpoint in {directory}"
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()
+      ),
+    )
   finally:
     manager.close()
-  flat = {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(
-              restored["state"])}
+  flat = {
+    jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(restored["state"])
+  }
   return flat, restored["progress"]
 
 
@@ -312,8 +373,9 @@ def final_arrays(workdir: str) -> dict[str, np.ndarray]:
   return arrays
 
 
-def bitwise_differences(a: dict[str, np.ndarray],
-                        b: dict[str, np.ndarray]) -> list[str]:
+def bitwise_differences(
+  a: dict[str, np.ndarray], b: dict[str, np.ndarray]
+) -> list[str]:
   """Names of the leaves that differ in presence, shape, dtype or any bit."""
   diffs = sorted(set(a) ^ set(b))
   for name in sorted(set(a) & set(b)):

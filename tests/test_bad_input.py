@@ -27,9 +27,8 @@ import shutil
 import signal
 from typing import Callable
 
-import pytest
-
 import e2e_util as u
+import pytest
 
 # Every test here runs main.py in a subprocess.
 pytestmark = pytest.mark.slow
@@ -48,8 +47,9 @@ def interrupted(tmp_path_factory) -> str:
   """A workdir stopped mid-run: SIGTERM in epoch 2 (checkpoints 22, 30+)."""
   workdir = str(tmp_path_factory.mktemp("interrupted") / "run")
   proc = u.MainProcess(workdir, *BASE)
-  proc.wait_until(lambda: any(s >= 30 for s in u.logged_steps(
-      proc.snapshot())), timeout=300)
+  proc.wait_until(
+    lambda: any(s >= 30 for s in u.logged_steps(proc.snapshot())), timeout=300
+  )
   assert proc.send(signal.SIGTERM)
   run = proc.finish()
   assert run.returncode == 0, run.tail()
@@ -70,13 +70,16 @@ def _truncate(path: str) -> None:
 
 # How each corruption case damages the latest step folder.
 CORRUPTIONS: dict[str, Callable[[str], None]] = {
-    # orbax writes this marker last: without it the save is partial.
-    "partial_save": lambda step_dir: os.remove(
-        os.path.join(step_dir, "_CHECKPOINT_METADATA")),
-    "truncated_array_file": lambda step_dir: _truncate(_largest_file(
-        os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))),
-    "truncated_progress": lambda step_dir: _truncate(
-        os.path.join(step_dir, "progress", "metadata")),
+  # orbax writes this marker last: without it the save is partial.
+  "partial_save": lambda step_dir: os.remove(
+    os.path.join(step_dir, "_CHECKPOINT_METADATA")
+  ),
+  "truncated_array_file": lambda step_dir: _truncate(
+    _largest_file(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
+  ),
+  "truncated_progress": lambda step_dir: _truncate(
+    os.path.join(step_dir, "progress", "metadata")
+  ),
 }
 
 
@@ -92,39 +95,99 @@ class Case:
 
 
 CASES = (
-    Case("unknown_method", ("--config.method=distill_all",),
-         ("Unknown method 'distill_all'", "choose one of", "ai_kd")),
-    Case("unknown_model", ("--config.model=resnet9000",),
-         ("Unknown model 'resnet9000'", "tiny_cnn"), workdir="existing"),
-    Case("unknown_dataset", ("--config.dataset=mnist",),
-         ("Unknown dataset 'mnist'", "digits")),
-    Case("negative_lambda_adv", ("--config.lambda_adv=-1",),
-         ("lambda_adv", "non-negative", "-1"), workdir="existing"),
-    Case("alpha_T_above_1", ("--config.alpha_T=1.5",),
-         ("alpha_T", "[0, 1]", "1.5")),
-    Case("temperature_zero", ("--config.temperature=0",),
-         ("temperature", "positive", "0"), workdir="existing"),
-    Case("batch_not_divisible_by_devices", ("--config.batch_size=63",),
-         ("batch_size=63", "not divisible", "2 devices"), num_devices=2),
-    Case("workdir_is_a_file", (), ("--workdir", "{workdir}", "is a file"),
-         workdir="file"),
-    Case("workdir_below_a_file", (), ("--workdir", "{workdir}", "writ"),
-         workdir="under_file"),
-    Case("workdir_below_an_executable_file", (),
-         ("--workdir", "{workdir}", "writ"), workdir="under_executable_file"),
-    Case("workdir_in_proc", (), ("--workdir", "{workdir}", "writ"),
-         workdir="proc"),
-    Case("partial_latest_checkpoint", (),
-         ("{step_dir}", "corrupted or incomplete", "previous",
-          "mv {step_dir} {step_dir}.bad"), workdir="partial_save"),
-    Case("truncated_array_in_latest_checkpoint", (),
-         ("{step_dir}", "corrupted or incomplete", "previous",
-          "mv {step_dir} {step_dir}.bad"), workdir="truncated_array_file",
-         before_data=False),
-    Case("truncated_progress_in_latest_checkpoint", (),
-         ("{step_dir}", "corrupted or incomplete", "previous",
-          "mv {step_dir} {step_dir}.bad"), workdir="truncated_progress",
-         before_data=False),
+  Case(
+    "unknown_method",
+    ("--config.method=distill_all",),
+    ("Unknown method 'distill_all'", "choose one of", "ai_kd"),
+  ),
+  Case(
+    "unknown_model",
+    ("--config.model=resnet9000",),
+    ("Unknown model 'resnet9000'", "tiny_cnn"),
+    workdir="existing",
+  ),
+  Case(
+    "unknown_dataset",
+    ("--config.dataset=mnist",),
+    ("Unknown dataset 'mnist'", "digits"),
+  ),
+  Case(
+    "negative_lambda_adv",
+    ("--config.lambda_adv=-1",),
+    ("lambda_adv", "non-negative", "-1"),
+    workdir="existing",
+  ),
+  Case(
+    "alpha_T_above_1", ("--config.alpha_T=1.5",), ("alpha_T", "[0, 1]", "1.5")
+  ),
+  Case(
+    "temperature_zero",
+    ("--config.temperature=0",),
+    ("temperature", "positive", "0"),
+    workdir="existing",
+  ),
+  Case(
+    "batch_not_divisible_by_devices",
+    ("--config.batch_size=63",),
+    ("batch_size=63", "not divisible", "2 devices"),
+    num_devices=2,
+  ),
+  Case(
+    "workdir_is_a_file",
+    (),
+    ("--workdir", "{workdir}", "is a file"),
+    workdir="file",
+  ),
+  Case(
+    "workdir_below_a_file",
+    (),
+    ("--workdir", "{workdir}", "writ"),
+    workdir="under_file",
+  ),
+  Case(
+    "workdir_below_an_executable_file",
+    (),
+    ("--workdir", "{workdir}", "writ"),
+    workdir="under_executable_file",
+  ),
+  Case(
+    "workdir_in_proc", (), ("--workdir", "{workdir}", "writ"), workdir="proc"
+  ),
+  Case(
+    "partial_latest_checkpoint",
+    (),
+    (
+      "{step_dir}",
+      "corrupted or incomplete",
+      "previous",
+      "mv {step_dir} {step_dir}.bad",
+    ),
+    workdir="partial_save",
+  ),
+  Case(
+    "truncated_array_in_latest_checkpoint",
+    (),
+    (
+      "{step_dir}",
+      "corrupted or incomplete",
+      "previous",
+      "mv {step_dir} {step_dir}.bad",
+    ),
+    workdir="truncated_array_file",
+    before_data=False,
+  ),
+  Case(
+    "truncated_progress_in_latest_checkpoint",
+    (),
+    (
+      "{step_dir}",
+      "corrupted or incomplete",
+      "previous",
+      "mv {step_dir} {step_dir}.bad",
+    ),
+    workdir="truncated_progress",
+    before_data=False,
+  ),
 )
 
 
@@ -155,7 +218,8 @@ def _prepare(case: Case, interrupted: str, root: str) -> Outcome:
     if case.workdir in CORRUPTIONS:
       checkpoints = os.path.join(workdir, "student", "checkpoints")
       step_dir = os.path.join(
-          checkpoints, str(u.checkpoint_steps(workdir, "student")[-1]))
+        checkpoints, str(u.checkpoint_steps(workdir, "student")[-1])
+      )
       CORRUPTIONS[case.workdir](step_dir)
   elif case.workdir == "file":
     with open(workdir, "w") as f:
@@ -170,14 +234,25 @@ def _prepare(case: Case, interrupted: str, root: str) -> Outcome:
   elif case.workdir == "proc":
     workdir = f"/proc/aikd-test-workdir-{os.getpid()}"
   watched = watched or workdir
-  return Outcome(run=None, workdir=workdir, watched=watched,
-                 before=_digests(watched), after=None, step_dir=step_dir)
+  return Outcome(
+    run=None,
+    workdir=workdir,
+    watched=watched,
+    before=_digests(watched),
+    after=None,
+    step_dir=step_dir,
+  )
 
 
 def _run_case(case: Case, interrupted: str, root: str) -> Outcome:
   outcome = _prepare(case, interrupted, root)
-  outcome.run = u.run_main(outcome.workdir, *BASE, *case.overrides,
-                           num_devices=case.num_devices, timeout=300)
+  outcome.run = u.run_main(
+    outcome.workdir,
+    *BASE,
+    *case.overrides,
+    num_devices=case.num_devices,
+    timeout=300,
+  )
   outcome.after = _digests(outcome.watched)
   return outcome
 
@@ -186,13 +261,18 @@ def _run_case(case: Case, interrupted: str, root: str) -> Outcome:
 def outcomes(interrupted, tmp_path_factory) -> dict[str, Outcome]:
   root = str(tmp_path_factory.mktemp("bad_input"))
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    futures = {case.id: pool.submit(_run_case, case, interrupted,
-                                    os.path.join(root, case.id))
-               for case in CASES}
+    futures = {
+      case.id: pool.submit(
+        _run_case, case, interrupted, os.path.join(root, case.id)
+      )
+      for case in CASES
+    }
     results = {name: future.result() for name, future in futures.items()}
   for name, outcome in results.items():
-    print(f"\n{name}: rc {outcome.run.returncode}, "
-          f"{outcome.run.seconds:.1f}s (two cases at a time)")
+    print(
+      f"\n{name}: rc {outcome.run.returncode}, "
+      f"{outcome.run.seconds:.1f}s (two cases at a time)"
+    )
   return results
 
 
@@ -206,8 +286,7 @@ def test_bad_input_fails_fast_and_changes_nothing(case, outcomes):
   assert errors, run.tail()
   message = "\n".join(errors)
   for keyword in case.keywords:
-    keyword = keyword.format(workdir=outcome.workdir,
-                             step_dir=outcome.step_dir)
+    keyword = keyword.format(workdir=outcome.workdir, step_dir=outcome.step_dir)
     assert keyword in message, (keyword, message)
   assert not run.lines(u.STEP_LINE_PATTERN), "training started"
   assert not run.lines(r"(teacher|student) epoch \d+/"), "training started"
@@ -221,8 +300,7 @@ def test_bad_input_fails_fast_and_changes_nothing(case, outcomes):
     assert os.path.isfile(outcome.watched)
 
 
-def test_the_fallback_the_message_gives_resumes_from_the_previous_one(
-    outcomes):
+def test_the_fallback_the_message_gives_resumes_from_the_previous_one(outcomes):
   """Doing what the partial-checkpoint message says resumes from step 22."""
   outcome = outcomes["partial_latest_checkpoint"]
   move = re.search(r"`mv (\S+) (\S+)`", outcome.run.output)
@@ -231,9 +309,12 @@ def test_the_fallback_the_message_gives_resumes_from_the_previous_one(
   shutil.move(move[1], move[2])
   proc = u.MainProcess(outcome.workdir, *BASE)
   # Resuming is what is under test, not the rest of the training.
-  resumed = proc.wait_until(lambda: any(
-      "student: resumed from step" in line for line in proc.snapshot()),
-                            timeout=300)
+  resumed = proc.wait_until(
+    lambda: any(
+      "student: resumed from step" in line for line in proc.snapshot()
+    ),
+    timeout=300,
+  )
   u.kill_if_running(proc)
   run = proc.finish()
   assert resumed, run.tail()

@@ -3,27 +3,27 @@
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from aikd_jax import banks
-
 
 # --- RowLayout ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "n, d, rows_per_device, num_rows, valid",
-    [
-        (203, 4, 51, 204, [51, 51, 51, 50]),
-        (256, 8, 32, 256, [32] * 8),
-        (300, 8, 38, 304, [38] * 7 + [34]),
-        (7, 1, 7, 7, [7]),
-        # More devices than a full share: trailing devices own padding only,
-        # and valid_rows clips at 0 rather than going negative.
-        (9, 8, 2, 16, [2, 2, 2, 2, 1, 0, 0, 0]),
-    ])
+  "n, d, rows_per_device, num_rows, valid",
+  [
+    (203, 4, 51, 204, [51, 51, 51, 50]),
+    (256, 8, 32, 256, [32] * 8),
+    (300, 8, 38, 304, [38] * 7 + [34]),
+    (7, 1, 7, 7, [7]),
+    # More devices than a full share: trailing devices own padding only,
+    # and valid_rows clips at 0 rather than going negative.
+    (9, 8, 2, 16, [2, 2, 2, 2, 1, 0, 0, 0]),
+  ],
+)
 def test_row_layout_arithmetic(n, d, rows_per_device, num_rows, valid):
   layout = banks.RowLayout(n, d)
   assert layout.rows_per_device == rows_per_device == -(-n // d)
@@ -34,17 +34,18 @@ def test_row_layout_arithmetic(n, d, rows_per_device, num_rows, valid):
 
 
 @pytest.mark.parametrize(
-    "n, d, batch, steps",
-    [
-        (203, 4, 8, 6),    # last device has 50 rows: 6 full batches, 2 skipped
-        (203, 4, 51, 0),   # the last device cannot fill one batch of 51
-        (203, 4, 50, 1),
-        (256, 8, 32, 1),
-        (256, 8, 5, 6),    # 32 // 5, remainder 2 per device skipped
-        (300, 8, 4, 8),    # limited by the last device's 34 rows
-        (250, 1, 32, 7),   # 26 examples skipped each epoch
-        (9, 8, 1, 0),      # devices with no data: no full batch anywhere
-    ])
+  "n, d, batch, steps",
+  [
+    (203, 4, 8, 6),  # last device has 50 rows: 6 full batches, 2 skipped
+    (203, 4, 51, 0),  # the last device cannot fill one batch of 51
+    (203, 4, 50, 1),
+    (256, 8, 32, 1),
+    (256, 8, 5, 6),  # 32 // 5, remainder 2 per device skipped
+    (300, 8, 4, 8),  # limited by the last device's 34 rows
+    (250, 1, 32, 7),  # 26 examples skipped each epoch
+    (9, 8, 1, 0),  # devices with no data: no full batch anywhere
+  ],
+)
 def test_steps_per_epoch_skips_the_remainder(n, d, batch, steps):
   layout = banks.RowLayout(n, d)
   assert layout.steps_per_epoch(batch) == steps
@@ -71,11 +72,12 @@ def test_example_ids_spread_a_sorted_dataset_over_devices():
   n, d, c = 1000, 8, 10
   labels = np.repeat(np.arange(c), n // c)  # sorted by class
   layout = banks.RowLayout(n, d)
-  labels_by_id = banks.arrange_by_id(labels, banks.example_ids(n, 0),
-                                     layout.num_rows, fill=-1)
+  labels_by_id = banks.arrange_by_id(
+    labels, banks.example_ids(n, 0), layout.num_rows, fill=-1
+  )
   s = layout.rows_per_device
   for dev in range(d):
-    block = labels_by_id[dev * s:(dev + 1) * s]
+    block = labels_by_id[dev * s : (dev + 1) * s]
     counts = np.bincount(block[block >= 0], minlength=c)
     assert (counts > 0).sum() == c, (dev, counts)
     assert counts.max() < 0.3 * s, (dev, counts)
@@ -114,7 +116,7 @@ def test_arrange_by_id_places_rows_by_id():
 
 def _blocks(order, layout):
   s = layout.rows_per_device
-  return [order[d * s:(d + 1) * s] for d in range(layout.num_devices)]
+  return [order[d * s : (d + 1) * s] for d in range(layout.num_devices)]
 
 
 @pytest.mark.parametrize("n, d", [(203, 4), (300, 8), (64, 1), (9, 8)])
@@ -133,7 +135,7 @@ def test_epoch_order_is_a_local_permutation_with_valid_rows_first(n, d):
   # Global rows (local row + d * S) read in the epoch are real examples only.
   steps = layout.steps_per_epoch(2)
   for dev, block in enumerate(_blocks(order, layout)):
-    assert np.all(block[:steps * 2] + dev * s < n)
+    assert np.all(block[: steps * 2] + dev * s < n)
 
 
 def test_epoch_order_is_deterministic_and_varies_by_epoch_and_seed():
@@ -156,8 +158,10 @@ def test_epoch_order_skips_a_different_remainder_each_epoch():
   batch = 32
   steps = layout.steps_per_epoch(batch)
   assert steps == 7
-  skipped = [set(banks.epoch_order(layout, 0, e)[steps * batch:250].tolist())
-             for e in range(3)]
+  skipped = [
+    set(banks.epoch_order(layout, 0, e)[steps * batch : 250].tolist())
+    for e in range(3)
+  ]
   assert all(len(s) == 26 for s in skipped)
   assert skipped[0] != skipped[1] and skipped[1] != skipped[2]
 
@@ -183,8 +187,10 @@ def test_initial_prediction_bank_one_device(dtype):
 
   host = np.asarray(bank.astype(jnp.float32))
   expected = np.zeros((layout.num_rows, c), np.float32)
-  expected[np.arange(layout.num_rows)[labels_by_id >= 0],
-           labels_by_id[labels_by_id >= 0]] = 1.0
+  expected[
+    np.arange(layout.num_rows)[labels_by_id >= 0],
+    labels_by_id[labels_by_id >= 0],
+  ] = 1.0
   np.testing.assert_array_equal(host, expected)
   np.testing.assert_array_equal(host[ids], np.eye(c)[labels])
   np.testing.assert_array_equal(host[n:], np.zeros((1, c)))
@@ -214,19 +220,30 @@ def _eight_device_banks(devices):
       want = np.zeros_like(data)
       lab = labels_by_id[rows]
       want[np.arange(len(lab))[lab >= 0], lab[lab >= 0]] = 1.0
-      shards.append(dict(
+      shards.append(
+        dict(
           device=list(mesh.devices).index(sh.device),
-          shape=list(sh.data.shape), dtype=str(sh.data.dtype),
-          start=rows.start, stop=rows.stop,
+          shape=list(sh.data.shape),
+          dtype=str(sh.data.dtype),
+          start=rows.start,
+          stop=rows.stop,
           matches=bool(np.array_equal(data, want)),
-          row_sums=float(data.sum())))
-    out[name] = dict(shape=list(bank.shape), dtype=str(bank.dtype),
-                     spec=str(bank.sharding.spec), shards=shards)
+          row_sums=float(data.sum()),
+        )
+      )
+    out[name] = dict(
+      shape=list(bank.shape),
+      dtype=str(bank.dtype),
+      spec=str(bank.sharding.spec),
+      shards=shards,
+    )
   images = np.zeros((n, 8, 8, 1), np.uint8)
-  img = banks.put_sharded(banks.arrange_by_id(images, ids,
-                                              layout.num_rows), mesh)
-  out["image_shards"] = sorted({tuple(s.data.shape)
-                                for s in img.addressable_shards})
+  img = banks.put_sharded(
+    banks.arrange_by_id(images, ids, layout.num_rows), mesh
+  )
+  out["image_shards"] = sorted(
+    {tuple(s.data.shape) for s in img.addressable_shards}
+  )
   return out
 
 
@@ -257,18 +274,20 @@ def test_initial_prediction_bank_shards_on_eight_devices(eight_devices):
 def test_partner_rows_pair_local_rows_of_the_same_class():
   layout = banks.RowLayout(37, 4)  # S = 10, last device 7 valid rows.
   labels = np.random.default_rng(0).integers(0, 3, 37).astype(np.int32)
-  labels_by_id = banks.arrange_by_id(labels, banks.example_ids(37, 0),
-                                     layout.num_rows, fill=-1)
+  labels_by_id = banks.arrange_by_id(
+    labels, banks.example_ids(37, 0), layout.num_rows, fill=-1
+  )
   partners = banks.partner_rows(layout, labels_by_id, seed=0, epoch=0)
   chex.assert_shape(partners, (layout.num_rows,))
   s = layout.rows_per_device
   for d in range(4):
-    block = partners[d * s:(d + 1) * s]
+    block = partners[d * s : (d + 1) * s]
     valid = layout.valid_rows(d)
     assert np.all((block >= 0) & (block < valid) | (np.arange(s) >= valid))
-    local_labels = labels_by_id[d * s:(d + 1) * s]
-    np.testing.assert_array_equal(local_labels[block[:valid]],
-                                  local_labels[:valid])
+    local_labels = labels_by_id[d * s : (d + 1) * s]
+    np.testing.assert_array_equal(
+      local_labels[block[:valid]], local_labels[:valid]
+    )
     # Padding rows point at themselves.
     np.testing.assert_array_equal(block[valid:], np.arange(valid, s))
   again = banks.partner_rows(layout, labels_by_id, seed=0, epoch=0)

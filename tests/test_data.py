@@ -8,16 +8,15 @@ import pytest
 
 from aikd_jax import data
 
-
 # ---------------------------------------------------------------------------
 # digits
 
 
 def test_digits_shapes_dtypes_and_values():
-  ds = data.load_dataset('digits')
-  assert ds.name == 'digits'
+  ds = data.load_dataset("digits")
+  assert ds.name == "digits"
   assert ds.num_classes == 10
-  assert ds.class_names == tuple('0123456789')
+  assert ds.class_names == tuple("0123456789")
   assert ds.image_shape == (8, 8, 1)
   assert ds.train_images.dtype == np.uint8
   assert ds.test_images.dtype == np.uint8
@@ -34,23 +33,23 @@ def test_digits_shapes_dtypes_and_values():
 
 
 def test_digits_split_is_stratified():
-  ds = data.load_dataset('digits')
+  ds = data.load_dataset("digits")
   train_counts = np.bincount(ds.train_labels, minlength=10)
   test_counts = np.bincount(ds.test_labels, minlength=10)
   total = train_counts + test_counts
   # Each class sends round(20%) of its examples to test.
   np.testing.assert_array_equal(test_counts, np.round(total * 0.2))
   np.testing.assert_allclose(
-      test_counts / test_counts.sum(), total / total.sum(), atol=0.01
+    test_counts / test_counts.sum(), total / total.sum(), atol=0.01
   )
 
 
 def test_digits_split_is_seeded_and_ignores_global_state():
-  a = data.load_dataset('digits', split_seed=0)
+  a = data.load_dataset("digits", split_seed=0)
   np.random.seed(123)  # Global NumPy state must not matter.
   np.random.rand(10)
-  b = data.load_dataset('digits', split_seed=0)
-  c = data.load_dataset('digits', split_seed=1)
+  b = data.load_dataset("digits", split_seed=0)
+  c = data.load_dataset("digits", split_seed=1)
   np.testing.assert_array_equal(a.train_images, b.train_images)
   np.testing.assert_array_equal(a.test_labels, b.test_labels)
   assert a.test_images.shape == c.test_images.shape
@@ -62,7 +61,7 @@ def test_digits_split_is_seeded_and_ignores_global_state():
 
 
 def test_digits_resize_with_image_size():
-  ds = data.load_dataset('digits', image_size=16)
+  ds = data.load_dataset("digits", image_size=16)
   assert ds.image_shape == (16, 16, 1)
   assert ds.test_images.shape[1:] == (16, 16, 1)
   assert ds.train_images.dtype == np.uint8
@@ -73,10 +72,10 @@ def test_digits_resize_with_image_size():
 
 
 def test_unknown_names_raise_value_error():
-  for name in ('imagenet', 'CIFAR100', 'cifar-100', '', 'folder:', 'folder: '):
+  for name in ("imagenet", "CIFAR100", "cifar-100", "", "folder:", "folder: "):
     with pytest.raises(ValueError) as info:
       data.load_dataset(name)
-    assert 'folder:' in str(info.value)
+    assert "folder:" in str(info.value)
     with pytest.raises(ValueError):
       data.check_dataset_available(name)
 
@@ -87,8 +86,8 @@ def test_unknown_names_raise_value_error():
 
 def test_channel_stats_by_hand():
   images = np.zeros((2, 1, 2, 3), np.uint8)
-  images[..., 0] = 255                       # constant 1.0
-  images[0, 0, :, 1] = [0, 255]              # 0, 1, 0, 1 -> mean .5, std .5
+  images[..., 0] = 255  # constant 1.0
+  images[0, 0, :, 1] = [0, 255]  # 0, 1, 0, 1 -> mean .5, std .5
   images[1, 0, :, 1] = [0, 255]
   images[..., 2] = [[[51, 102]], [[153, 204]]]  # .2 .4 .6 .8
   mean, std = data.channel_stats(images)
@@ -112,11 +111,11 @@ def test_channel_stats_matches_numpy_on_random_images():
 def test_dataset_rejects_bad_arrays():
   images = np.zeros((4, 2, 2, 1), np.uint8)
   labels = np.array([0, 1, 2, 1], np.int32)
-  ok = data.Dataset('x', images, labels, images, labels, num_classes=3)
+  ok = data.Dataset("x", images, labels, images, labels, num_classes=3)
   assert ok.image_shape == (2, 2, 1)
   with pytest.raises(ValueError):
-    data.Dataset('x', images, labels.astype(np.int64), images, labels, 3)
+    data.Dataset("x", images, labels.astype(np.int64), images, labels, 3)
   with pytest.raises(ValueError):
-    data.Dataset('x', images, labels, images, labels, num_classes=2)
+    data.Dataset("x", images, labels, images, labels, num_classes=2)
   with pytest.raises(ValueError):
-    data.Dataset('x', images.astype(np.float32), labels, images, labels, 3)
+    data.Dataset("x", images.astype(np.float32), labels, images, labels, 3)

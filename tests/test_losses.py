@@ -52,7 +52,8 @@ def test_progressive_targets_hand_computed():
   chex.assert_shape(targets, (2, 3))
   chex.assert_type(targets, jnp.float32)
   np.testing.assert_allclose(
-      targets, [[0.725, 0.15, 0.125], [0.1, 0.1, 0.8]], rtol=1e-6)
+    targets, [[0.725, 0.15, 0.125], [0.1, 0.1, 0.8]], rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
@@ -71,7 +72,8 @@ def test_progressive_targets_alpha_one_is_prev_probs_bfloat16():
   targets = losses.progressive_targets(labels, prev, 1.0, 5, 0.1)
   chex.assert_type(targets, jnp.float32)
   np.testing.assert_allclose(
-      targets, prev.astype(jnp.float32), rtol=1e-6, atol=1e-7)
+    targets, prev.astype(jnp.float32), rtol=1e-6, atol=1e-7
+  )
 
 
 def test_progressive_targets_rows_sum_to_one():
@@ -94,7 +96,8 @@ def test_soft_cross_entropy_hand_computed():
   loss = losses.soft_cross_entropy(logits, targets)
   chex.assert_shape(loss, (2,))
   np.testing.assert_allclose(
-      loss, [math.log(2.0), math.log(4.0) - 0.5 * math.log(3.0)], rtol=1e-6)
+    loss, [math.log(2.0), math.log(4.0) - 0.5 * math.log(3.0)], rtol=1e-6
+  )
 
 
 def test_soft_cross_entropy_one_hot_matches_optax():
@@ -111,8 +114,10 @@ def test_soft_cross_entropy_bfloat16_logits_computed_in_float32():
   loss = losses.soft_cross_entropy(logits, targets)
   chex.assert_type(loss, jnp.float32)
   expected = -np.sum(
-      np.asarray(targets)
-      * np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32))), axis=-1)
+    np.asarray(targets)
+    * np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32))),
+    axis=-1,
+  )
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
@@ -128,14 +133,16 @@ def test_distillation_kl_hand_computed():
   loss = losses.distillation_kl(student, teacher, 2.0)
   chex.assert_shape(loss, (1,))
   np.testing.assert_allclose(
-      loss, [3 * math.log(3.0) - 4 * math.log(2.0)], rtol=1e-6)
+    loss, [3 * math.log(3.0) - 4 * math.log(2.0)], rtol=1e-6
+  )
 
 
 def test_distillation_kl_zero_for_equal_and_nonnegative_otherwise():
   a = _random_logits(6, (16, 10))
   b = _random_logits(7, (16, 10))
   np.testing.assert_allclose(
-      losses.distillation_kl(a, a, 4.0), np.zeros(16), atol=1e-6)
+    losses.distillation_kl(a, a, 4.0), np.zeros(16), atol=1e-6
+  )
   kl = losses.distillation_kl(a, b, 4.0)
   assert np.all(np.asarray(kl) > 0)
   # Also not symmetric: the teacher is the reference distribution.
@@ -147,9 +154,11 @@ def test_distillation_kl_temperature_squared_factor(tau):
   a = _random_logits(8, (5, 7))
   b = _random_logits(9, (5, 7))
   np.testing.assert_allclose(
-      losses.distillation_kl(a * tau, b * tau, tau),
-      tau**2 * np.asarray(losses.distillation_kl(a, b, 1.0)),
-      rtol=1e-5, atol=1e-6)
+    losses.distillation_kl(a * tau, b * tau, tau),
+    tau**2 * np.asarray(losses.distillation_kl(a, b, 1.0)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_distillation_kl_zero_teacher_probability_no_nan():
@@ -159,7 +168,8 @@ def test_distillation_kl_zero_teacher_probability_no_nan():
   student = jnp.array([[0.0, 0.0, -1e4]])
   teacher = jnp.array([[0.0, 0.0, -jnp.inf]])
   loss, grad = jax.value_and_grad(
-      lambda s: losses.distillation_kl(s, teacher, 1.0).sum())(student)
+    lambda s: losses.distillation_kl(s, teacher, 1.0).sum()
+  )(student)
   np.testing.assert_allclose(loss, 0.0, atol=1e-6)
   assert np.all(np.isfinite(grad))
   # Against a uniform student: KL = 2 * (1/2) log((1/2) / (1/3)) = log(3/2).
@@ -178,20 +188,22 @@ def test_discriminator_and_generator_hand_computed():
   g_loss = losses.generator_loss(fake)
   chex.assert_shape([d_loss, g_loss], (2,))
   np.testing.assert_allclose(
-      d_loss, [2 * math.log(2.0), math.log(4.0 / 3.0) + math.log(4.0)],
-      rtol=1e-6)
+    d_loss, [2 * math.log(2.0), math.log(4.0 / 3.0) + math.log(4.0)], rtol=1e-6
+  )
   np.testing.assert_allclose(
-      g_loss, [math.log(2.0), math.log(4.0 / 3.0)], rtol=1e-6)
+    g_loss, [math.log(2.0), math.log(4.0 / 3.0)], rtol=1e-6
+  )
 
 
 def test_discriminator_loss_is_binary_cross_entropy():
   real = _random_logits(10, (8,))
   fake = _random_logits(11, (8,))
-  expected = (
-      optax.sigmoid_binary_cross_entropy(real, jnp.ones(8))
-      + optax.sigmoid_binary_cross_entropy(fake, jnp.zeros(8)))
+  expected = optax.sigmoid_binary_cross_entropy(
+    real, jnp.ones(8)
+  ) + optax.sigmoid_binary_cross_entropy(fake, jnp.zeros(8))
   np.testing.assert_allclose(
-      losses.discriminator_loss(real, fake), expected, rtol=1e-5, atol=1e-6)
+    losses.discriminator_loss(real, fake), expected, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_adversarial_losses_reject_bad_shapes():
@@ -209,13 +221,15 @@ def test_losses_finite_with_huge_logits_including_gradients():
   d_logits = jnp.array([1e4, -1e4])
 
   functions = {
-      "soft_cross_entropy": lambda z: losses.soft_cross_entropy(z, targets),
-      "distillation_kl": lambda z: losses.distillation_kl(z, other, 4.0),
-      "distillation_kl_teacher": (
-          lambda z: losses.distillation_kl(other, z, 4.0)),
-      "discriminator_loss": (
-          lambda z: losses.discriminator_loss(z[:, 0], d_logits)),
-      "generator_loss": lambda z: losses.generator_loss(z[:, 0]),
+    "soft_cross_entropy": lambda z: losses.soft_cross_entropy(z, targets),
+    "distillation_kl": lambda z: losses.distillation_kl(z, other, 4.0),
+    "distillation_kl_teacher": (
+      lambda z: losses.distillation_kl(other, z, 4.0)
+    ),
+    "discriminator_loss": (
+      lambda z: losses.discriminator_loss(z[:, 0], d_logits)
+    ),
+    "generator_loss": lambda z: losses.generator_loss(z[:, 0]),
   }
   for name, fn in functions.items():
     value, grad = jax.value_and_grad(lambda z: fn(z).sum())(big)
@@ -224,9 +238,11 @@ def test_losses_finite_with_huge_logits_including_gradients():
   # The values are the exact large-margin limits, not clipped: e.g. row 0 of
   # the cross-entropy is 0.3 * 2e4 + 0.5 * 5e3 = 8500.
   np.testing.assert_allclose(
-      losses.soft_cross_entropy(big, targets)[0], 8500.0, rtol=1e-6)
+    losses.soft_cross_entropy(big, targets)[0], 8500.0, rtol=1e-6
+  )
   np.testing.assert_allclose(
-      losses.discriminator_loss(d_logits, -d_logits), [0.0, 2e4], atol=1e-3)
+    losses.discriminator_loss(d_logits, -d_logits), [0.0, 2e4], atol=1e-3
+  )
 
 
 def test_losses_jit_match_eager():
@@ -240,10 +256,12 @@ def test_losses_jit_match_eager():
   def all_losses(logits, teacher, labels, prev, epoch, d_real, d_fake):
     alpha = losses.alpha_at(epoch, 0.8, 10)
     targets = losses.progressive_targets(labels, prev, alpha, 6, 0.1)
-    return (losses.soft_cross_entropy(logits, targets),
-            losses.distillation_kl(logits, teacher, 4.0),
-            losses.discriminator_loss(d_real, d_fake),
-            losses.generator_loss(d_fake))
+    return (
+      losses.soft_cross_entropy(logits, targets),
+      losses.distillation_kl(logits, teacher, 4.0),
+      losses.discriminator_loss(d_real, d_fake),
+      losses.generator_loss(d_fake),
+    )
 
   args = (logits, teacher, labels, prev, jnp.int32(3), d_real, d_fake)
   jitted = jax.jit(all_losses)(*args)

@@ -4,10 +4,10 @@ import json
 import os
 
 import e2e_util as u
-import numpy as np
-import pytest
 from e2e_util import read_results
+import numpy as np
 from PIL import Image
+import pytest
 
 # Every test here runs main.py (or the training loop) in a subprocess.
 pytestmark = pytest.mark.slow
@@ -17,8 +17,9 @@ METRICS = ("top1_err", "top5_err", "nll", "ece", "aurc", "eaurc")
 
 def run_main(workdir, *overrides, config="configs/digits.py", timeout=600):
   """main.py in a subprocess, stdout and stderr captured apart."""
-  return u.run_main(workdir, *overrides, config=config, timeout=timeout,
-                    separate_streams=True)
+  return u.run_main(
+    workdir, *overrides, config=config, timeout=timeout, separate_streams=True
+  )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,14 @@ def test_digits_demo_runs_three_stages_and_student_learns(digits_run):
   assert teacher["last"]["top1_err"] < 10.0
   # The per-epoch history carries every loss term and the discriminator.
   train = student["history"][-1]["train"]
-  for name in ("loss/prog", "loss/det", "loss/adv", "loss/disc",
-               "train/disc_real_acc", "train/disc_fake_acc"):
+  for name in (
+    "loss/prog",
+    "loss/det",
+    "loss/adv",
+    "loss/disc",
+    "train/disc_real_acc",
+    "train/disc_fake_acc",
+  ):
     assert np.isfinite(train[name]), name
   assert 0.0 <= train["train/disc_real_acc"] <= 1.0
   assert "student (ai_kd): last epoch top-1 error" in proc.stdout
@@ -57,8 +64,11 @@ def test_digits_demo_runs_three_stages_and_student_learns(digits_run):
 def test_digits_demo_writes_tensorboard_events(digits_run):
   workdir, _, _ = digits_run
   for stage in ("teacher", "student"):
-    events = [f for f in os.listdir(os.path.join(workdir, stage))
-              if f.startswith("events.out.tfevents")]
+    events = [
+      f
+      for f in os.listdir(os.path.join(workdir, stage))
+      if f.startswith("events.out.tfevents")
+    ]
     assert events, stage
     size = os.path.getsize(os.path.join(workdir, stage, events[0]))
     assert size > 1000, (stage, size)
@@ -81,7 +91,7 @@ config.eval_batch_size = 32
 config.lr_decay_epochs = (1,)
 with tfds.testing.mock_data(num_examples=48,
                             policy=tfds.testing.MockPolicy.USE_CODE):
-  results = train.train_and_evaluate(config, {str(tmp_path / 'wd')!r})
+  results = train.train_and_evaluate(config, {str(tmp_path / "wd")!r})
 print(json.dumps(results))
 """
   proc = u.run_python("-c", script, timeout=600)
@@ -95,8 +105,9 @@ print(json.dumps(results))
   assert os.path.exists(tmp_path / "wd" / "teacher_logits" / "results.json")
 
 
-def make_image_folder(root, classes=("cat", "dog", "owl"), per_class=12,
-                      size=16):
+def make_image_folder(
+  root, classes=("cat", "dog", "owl"), per_class=12, size=16
+):
   """A folder dataset whose classes differ by colour, so it is learnable."""
   rng = np.random.default_rng(0)
   for split, count in (("train", per_class), ("test", per_class // 2)):
@@ -111,10 +122,16 @@ def make_image_folder(root, classes=("cat", "dog", "owl"), per_class=12,
 def test_image_folder_dataset_end_to_end(tmp_path):
   make_image_folder(tmp_path / "images")
   workdir = tmp_path / "wd"
-  proc = run_main(workdir, f"--config.dataset=folder:{tmp_path / 'images'}",
-                  "--config.num_epochs=4", "--config.batch_size=12",
-                  "--config.eval_batch_size=18", "--config.mean=()",
-                  "--config.std=()", "--config.method=ps_kd")
+  proc = run_main(
+    workdir,
+    f"--config.dataset=folder:{tmp_path / 'images'}",
+    "--config.num_epochs=4",
+    "--config.batch_size=12",
+    "--config.eval_batch_size=18",
+    "--config.mean=()",
+    "--config.std=()",
+    "--config.method=ps_kd",
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = read_results(workdir, "student")
   assert results["method"] == "ps_kd"
@@ -130,8 +147,9 @@ def test_missing_dataset_fails_fast_with_instructions(tmp_path):
   empty = tmp_path / "tfds"
   empty.mkdir()
   workdir = tmp_path / "wd"
-  proc = run_main(workdir, f"--config.data_dir={empty}",
-                  config="configs/cifar100.py")
+  proc = run_main(
+    workdir, f"--config.data_dir={empty}", config="configs/cifar100.py"
+  )
   elapsed = proc.seconds
   assert proc.returncode != 0
   output = proc.stdout + proc.stderr

@@ -22,7 +22,8 @@ def test_ece_two_bins():
   # Bin (0.5, 0.6]: acc 1, conf 0.6  -> |1 - 0.6| * 2/4 = 0.2.
   # ECE = 100 * 0.4 = 40.
   ece = metrics.expected_calibration_error(
-      [0.9, 0.9, 0.6, 0.6], [True, False, True, True])
+    [0.9, 0.9, 0.6, 0.6], [True, False, True, True]
+  )
   assert ece == pytest.approx(40.0)
 
 
@@ -59,7 +60,8 @@ def test_aurc_single_error_ranked_first():
   # AURC = (1 + 1/2 + 1/3 + 1/4) / 4 = 25/48; optimal (r = 1, n = 4) is
   # (1/4) * 1/4 = 1/16; E-AURC = 25/48 - 3/48 = 22/48.
   aurc, eaurc = metrics.aurc_eaurc(
-      [0.9, 0.8, 0.7, 0.6], [False, True, True, True])
+    [0.9, 0.8, 0.7, 0.6], [False, True, True, True]
+  )
   assert aurc == pytest.approx(1000 * 25 / 48)
   assert eaurc == pytest.approx(1000 * 22 / 48)
 
@@ -68,7 +70,8 @@ def test_aurc_single_error_ranked_last_is_ideal():
   # Risk = 0, 0, 0, 1/4: AURC = 1/16 = the optimum, so E-AURC = 0.
   # Input order is shuffled; the ranking comes from the confidences.
   aurc, eaurc = metrics.aurc_eaurc(
-      [0.7, 0.6, 0.9, 0.8], [True, False, True, True])
+    [0.7, 0.6, 0.9, 0.8], [True, False, True, True]
+  )
   assert aurc == pytest.approx(62.5)
   assert eaurc == pytest.approx(0.0, abs=1e-9)
 
@@ -77,7 +80,8 @@ def test_eaurc_ideal_ranking_with_several_errors():
   # n = 5, r = 2, errors least confident: risk = 0, 0, 0, 1/4, 2/5, so
   # AURC = (1/4 + 2/5) / 5 = 0.13 = (1/5) * sum_{i=1,2} i / (3 + i).
   aurc, eaurc = metrics.aurc_eaurc(
-      [0.95, 0.9, 0.85, 0.5, 0.4], [True, True, True, False, False])
+    [0.95, 0.9, 0.85, 0.5, 0.4], [True, True, True, False, False]
+  )
   assert aurc == pytest.approx(130.0)
   assert eaurc == pytest.approx(0.0, abs=1e-9)
 
@@ -87,9 +91,11 @@ def test_aurc_ties_keep_input_order():
   # [wrong, right] -> risk 1, 1/2 -> 750; [right, wrong] -> 0, 1/2 -> 250.
   # Optimum for n = 2, r = 1 is (1/2) * 1/2 = 0.25.
   assert metrics.aurc_eaurc([0.5, 0.5], [False, True]) == pytest.approx(
-      (750.0, 500.0))
+    (750.0, 500.0)
+  )
   assert metrics.aurc_eaurc([0.5, 0.5], [True, False]) == pytest.approx(
-      (250.0, 0.0))
+    (250.0, 0.0)
+  )
 
 
 def test_aurc_all_wrong():
@@ -103,24 +109,24 @@ def test_aurc_all_wrong():
 
 # Rows are softmax probabilities; their logs are the logits. Confidences sit
 # mid-bin so that rounding in log/softmax cannot move them across an edge.
-_PROBS = np.array([
+_PROBS = np.array(
+  [
     [0.65, 0.15, 0.05, 0.05, 0.05, 0.05],  # label 0: right, conf 0.65
     [0.75, 0.15, 0.04, 0.03, 0.02, 0.01],  # label 1: wrong, rank 1, conf 0.75
-    [0.35, 0.25, 0.15, 0.1, 0.1, 0.05],    # label 5: wrong, rank 5, conf 0.35
-    [0.1, 0.1, 0.55, 0.15, 0.05, 0.05],    # label 2: right, conf 0.55
-])
+    [0.35, 0.25, 0.15, 0.1, 0.1, 0.05],  # label 5: wrong, rank 5, conf 0.35
+    [0.1, 0.1, 0.55, 0.15, 0.05, 0.05],  # label 2: right, conf 0.55
+  ]
+)
 _LABELS = np.array([0, 1, 5, 2])
 
 
 def _check_hand_case(report, rel):
-  assert set(report) == {"top1_err", "top5_err", "nll", "ece", "aurc",
-                         "eaurc"}
+  assert set(report) == {"top1_err", "top5_err", "nll", "ece", "aurc", "eaurc"}
   assert all(isinstance(v, float) for v in report.values())
   assert report["top1_err"] == pytest.approx(50.0)
   assert report["top5_err"] == pytest.approx(25.0)  # only row 2 misses
   # NLL = -mean log p(label) = -(log .65 + log .15 + log .05 + log .55) / 4.
-  nll = -(math.log(0.65) + math.log(0.15) + math.log(0.05)
-          + math.log(0.55)) / 4
+  nll = -(math.log(0.65) + math.log(0.15) + math.log(0.05) + math.log(0.55)) / 4
   assert report["nll"] == pytest.approx(nll, rel=rel)
   # One example per bin: (|1 - .65| + |0 - .75| + |0 - .35| + |1 - .55|) / 4
   # = 1.9 / 4 -> 47.5.
@@ -176,9 +182,11 @@ def test_report_matches_naive_reference():
   top5 = np.argsort(-logits, axis=1)[:, :5]
   assert report["top1_err"] == pytest.approx(100 * (1 - correct.mean()))
   assert report["top5_err"] == pytest.approx(
-      100 * (1 - (top5 == labels[:, None]).any(axis=1).mean()))
+    100 * (1 - (top5 == labels[:, None]).any(axis=1).mean())
+  )
   assert report["nll"] == pytest.approx(
-      -np.log(probs[np.arange(n), labels]).mean())
+    -np.log(probs[np.arange(n), labels]).mean()
+  )
   # PS-KD-style loops over bins and over coverage.
   ece = 0.0
   for lower in np.arange(10) / 10:
@@ -193,7 +201,9 @@ def test_report_matches_naive_reference():
   assert report["aurc"] == pytest.approx(1000 * np.mean(risks))
 
 
-@pytest.mark.parametrize("logits, labels, message", [
+@pytest.mark.parametrize(
+  "logits, labels, message",
+  [
     (np.zeros(4), np.zeros(4, int), "2-D"),
     (np.zeros((4, 3)), np.zeros((4, 1), int), "1-D"),
     (np.zeros((4, 3)), np.zeros(3, int), "4 rows"),
@@ -202,17 +212,21 @@ def test_report_matches_naive_reference():
     (np.zeros((2, 3)), np.array([-1, 0]), r"\[0, 3\)"),
     (np.zeros((2, 3)), np.array([0.0, 1.0]), "integers"),
     (np.array([[0.0, np.nan]]), np.array([0]), "NaN"),
-])
+  ],
+)
 def test_report_validates_inputs(logits, labels, message):
   with pytest.raises(ValueError, match=message):
     metrics.classification_report(logits, labels)
 
 
-@pytest.mark.parametrize("confidences, correct, message", [
+@pytest.mark.parametrize(
+  "confidences, correct, message",
+  [
     ([0.5, 0.6], [True], "same length"),
     ([], [], "at least one"),
     ([1.5], [True], r"\[0, 1\]"),
-])
+  ],
+)
 def test_helpers_validate_inputs(confidences, correct, message):
   with pytest.raises(ValueError, match=message):
     metrics.expected_calibration_error(confidences, correct)
@@ -234,4 +248,5 @@ def test_reliability_diagram_bins_match_ece():
   # ECE from the diagram: sum_b |acc_b - conf_b| n_b / n, in percent.
   ece = 100 * (2 * abs(0.5 - 0.9) + abs(1.0 - 0.55)) / 3
   np.testing.assert_allclose(
-      metrics.classification_report(logits, labels)["ece"], ece)
+    metrics.classification_report(logits, labels)["ece"], ece
+  )

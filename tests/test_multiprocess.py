@@ -12,18 +12,23 @@ import subprocess
 import sys
 import time
 
+from e2e_util import REPO_ROOT
+from e2e_util import subprocess_env
 import jax
 import numpy as np
 import pytest
-from e2e_util import REPO_ROOT, subprocess_env
 
 from aikd_jax import checkpointing
 
 # Every test here runs main.py in subprocesses.
 pytestmark = pytest.mark.slow
 
-SHORT = ["--config=configs/digits.py", "--config.num_epochs=2",
-         "--config.teacher_num_epochs=1", "--config.log_every_steps=4"]
+SHORT = [
+  "--config=configs/digits.py",
+  "--config.num_epochs=2",
+  "--config.teacher_num_epochs=1",
+  "--config.log_every_steps=4",
+]
 NUM_TEST_EXAMPLES = 359  # The digits split: 1797 images, 20% held out.
 
 
@@ -35,13 +40,25 @@ def _free_port() -> int:
 
 def start_processes(workdir, num_processes=2):
   port = _free_port()
-  return [subprocess.Popen(
-      [sys.executable, "main.py", f"--workdir={workdir}", *SHORT,
-       f"--coordinator_address=localhost:{port}",
-       f"--num_processes={num_processes}", f"--process_id={i}"],
-      cwd=REPO_ROOT, env=subprocess_env(8 // num_processes),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(num_processes)]
+  return [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "main.py",
+        f"--workdir={workdir}",
+        *SHORT,
+        f"--coordinator_address=localhost:{port}",
+        f"--num_processes={num_processes}",
+        f"--process_id={i}",
+      ],
+      cwd=REPO_ROOT,
+      env=subprocess_env(8 // num_processes),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(num_processes)
+  ]
 
 
 def finish(processes, timeout=600):
@@ -54,9 +71,14 @@ def finish(processes, timeout=600):
 
 
 def run_single_process(workdir):
-  proc = subprocess.run([sys.executable, "main.py", f"--workdir={workdir}",
-                         *SHORT], cwd=REPO_ROOT, env=subprocess_env(8),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "main.py", f"--workdir={workdir}", *SHORT],
+    cwd=REPO_ROOT,
+    env=subprocess_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -64,9 +86,11 @@ def final_arrays(workdir):
   arrays = {}
   for stage in ("teacher", "student"):
     _, arrays[stage] = checkpointing.load_arrays(
-        os.path.join(workdir, stage, "checkpoints"))
+      os.path.join(workdir, stage, "checkpoints")
+    )
   _, arrays["teacher_logits"] = checkpointing.load_arrays(
-      os.path.join(workdir, "teacher_logits", "checkpoints"))
+    os.path.join(workdir, "teacher_logits", "checkpoints")
+  )
   return arrays
 
 
@@ -85,21 +109,27 @@ def test_two_processes_equal_one_process(runs):
   # Same device count (8), same global batch, same example ids: only the
   # reduction path of the collectives differs (gloo across processes).
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-      two_arrays, one_arrays)
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    two_arrays,
+    one_arrays,
+  )
 
 
 def test_only_process_zero_writes_logs_and_results(runs):
   two, _, outputs, _ = runs
   for stage in ("teacher", "student"):
-    events = [f for f in os.listdir(os.path.join(two, stage))
-              if f.startswith("events.out.tfevents")]
+    events = [
+      f
+      for f in os.listdir(os.path.join(two, stage))
+      if f.startswith("events.out.tfevents")
+    ]
     assert len(events) == 1, (stage, events)
   assert all("student (ai_kd): last epoch" in out for out in outputs)
 
 
 def test_evaluation_counts_each_test_example_once(runs):
   import json  # pylint: disable=g-import-not-at-top
+
   two, _, _, _ = runs
   with open(os.path.join(two, "student", "results.json")) as f:
     results = json.load(f)
@@ -116,7 +146,8 @@ def test_killed_two_process_run_resumes_identically(runs):
   deadline = time.monotonic() + 300
   while time.monotonic() < deadline:
     if os.path.isdir(student_checkpoints) and any(
-        n.isdigit() for n in os.listdir(student_checkpoints)):
+      n.isdigit() for n in os.listdir(student_checkpoints)
+    ):
       break
     assert all(p.poll() is None for p in processes), "finished too early"
     time.sleep(0.05)

@@ -29,10 +29,9 @@ import shutil
 import signal
 import time
 
+import e2e_util as u
 import numpy as np
 import pytest
-
-import e2e_util as u
 
 # Every test here runs main.py in a subprocess.
 pytestmark = pytest.mark.slow
@@ -46,9 +45,11 @@ SEED = 20251125  # the stop moments are random, and reproducible
 STUDENT_MARK = "loss/adv"
 EPOCH_LINE = r"(teacher|student) epoch \d+/\d+:"
 STEP_LINE = u.STEP_LINE_PATTERN
-_STOP_MESSAGE = (r"(?P<signal>SIG\w+) received: saved a checkpoint at step "
-                 r"(?P<step>\d+) of the (?P<stage>\w+) stage\. Rerun the same "
-                 r"command with the same --workdir to resume\.")
+_STOP_MESSAGE = (
+  r"(?P<signal>SIG\w+) received: saved a checkpoint at step "
+  r"(?P<step>\d+) of the (?P<stage>\w+) stage\. Rerun the same "
+  r"command with the same --workdir to resume\."
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,31 +69,37 @@ def reference_arrays(reference) -> dict[str, np.ndarray]:
 
 def _after_stage2(reference: str, workdir: str) -> str:
   """A workdir holding the reference run's finished stages 1 and 2."""
-  return u.copy_workdir(reference, workdir,
-                        stages=("teacher", "teacher_logits"))
+  return u.copy_workdir(
+    reference, workdir, stages=("teacher", "teacher_logits")
+  )
 
 
-def _assert_same_as_reference(workdir: str, reference: str,
-                              reference_arrays: dict) -> None:
+def _assert_same_as_reference(
+  workdir: str, reference: str, reference_arrays: dict
+) -> None:
   assert not u.tmp_checkpoint_dirs(workdir)
   diffs = u.bitwise_differences(u.final_arrays(workdir), reference_arrays)
   assert not diffs, "final checkpoints differ from the reference:\n" + (
-      "\n".join(diffs[:30]))
+    "\n".join(diffs[:30])
+  )
   # The comparison covers every array the requirement names.
   names = " ".join(reference_arrays)
-  for part in ("student['student']['params']",
-               "student['student']['batch_stats']",
-               "student['student']['opt_state']",
-               "student['discriminator']['params']",
-               "student['discriminator']['opt_state']",
-               "student['prediction_bank']",
-               "teacher['student']['params']",
-               "teacher_logits['teacher_bank']"):
+  for part in (
+    "student['student']['params']",
+    "student['student']['batch_stats']",
+    "student['student']['opt_state']",
+    "student['discriminator']['params']",
+    "student['discriminator']['opt_state']",
+    "student['prediction_bank']",
+    "teacher['student']['params']",
+    "teacher_logits['teacher_bank']",
+  ):
     assert part in names, part
   # The results files: everything but the per-epoch training-loss means,
   # which a separate test compares.
   assert _without_train_means(u.comparable_results(workdir)) == (
-      _without_train_means(u.comparable_results(reference)))
+    _without_train_means(u.comparable_results(reference))
+  )
 
 
 def _without_train_means(results: dict) -> dict:
@@ -104,8 +111,10 @@ def _without_train_means(results: dict) -> dict:
 
 
 def _train_means(results: dict) -> dict:
-  return {stage: [entry["train"] for entry in payload.get("history", [])]
-          for stage, payload in results.items()}
+  return {
+    stage: [entry["train"] for entry in payload.get("history", [])]
+    for stage, payload in results.items()
+  }
 
 
 def _expected_resume_lines(workdir: str) -> list[str]:
@@ -145,17 +154,20 @@ class Stop:
 
 
 # (moment, signal). Order matters: each run resumes the previous one.
-PLAN = (("stage1_train", signal.SIGKILL),
-        ("checkpoint_save", signal.SIGKILL),
-        ("stage2", signal.SIGKILL),
-        ("epoch_end_eval", signal.SIGINT),
-        ("stage3_train", signal.SIGKILL),
-        ("mid_epoch", signal.SIGTERM),
-        ("final", None))
+PLAN = (
+  ("stage1_train", signal.SIGKILL),
+  ("checkpoint_save", signal.SIGKILL),
+  ("stage2", signal.SIGKILL),
+  ("epoch_end_eval", signal.SIGINT),
+  ("stage3_train", signal.SIGKILL),
+  ("mid_epoch", signal.SIGTERM),
+  ("final", None),
+)
 
 
-def _what_was_hit(workdir: str, stop: Stop, sent: bool, sig,
-                  tmp_before: set[str]) -> tuple[str, ...]:
+def _what_was_hit(
+  workdir: str, stop: Stop, sent: bool, sig, tmp_before: set[str]
+) -> tuple[str, ...]:
   """The phases a stop landed in, judged from the workdir it left.
 
   A kill can land in two at once: checkpoints are saved asynchronously, so
@@ -186,16 +198,23 @@ def _stop_once(workdir: str, kind: str, sig, rng: random.Random) -> Stop:
   tmp_before = set(u.tmp_checkpoint_dirs(workdir))
   bank_dir = os.path.join(workdir, "teacher_logits", "checkpoints")
   bank_dir_before = os.path.isdir(bank_dir)
-  stop = Stop(kind=kind, how=sig.name if sig else "", target=None, delay=0.0,
-              expected_lines=_expected_resume_lines(workdir))
+  stop = Stop(
+    kind=kind,
+    how=sig.name if sig else "",
+    target=None,
+    delay=0.0,
+    expected_lines=_expected_resume_lines(workdir),
+  )
   proc = u.MainProcess(workdir, *FLAGS)
   student = lambda: u.logged_steps(proc.snapshot(), marker=STUDENT_MARK)
   if kind == "stage1_train":
     # In epoch 2, so the rerun resumes stage 1 from its step-22 checkpoint.
     stop.target = rng.randrange(SPE + 2, TEACHER_STEPS - 2)
     stop.delay = rng.uniform(0, 0.01)
-    trigger = lambda: any(s >= stop.target for s in u.logged_steps(
-        proc.snapshot(), exclude=STUDENT_MARK))
+    trigger = lambda: any(
+      s >= stop.target
+      for s in u.logged_steps(proc.snapshot(), exclude=STUDENT_MARK)
+    )
   elif kind == "checkpoint_save":
     trigger = lambda: bool(set(u.tmp_checkpoint_dirs(workdir)) - tmp_before)
   elif kind == "stage2":
@@ -227,8 +246,9 @@ def _stop_once(workdir: str, kind: str, sig, rng: random.Random) -> Stop:
   stop.resumed_s = proc.first_time(r"resumed from step")
   if stop.resumed_s is not None:
     stop.first_step_s = proc.first_time(STEP_LINE, after=stop.resumed_s)
-  stop.latest_after = {s: (u.checkpoint_steps(workdir, s) or [None])[-1]
-                       for s in u.STAGES}
+  stop.latest_after = {
+    s: (u.checkpoint_steps(workdir, s) or [None])[-1] for s in u.STAGES
+  }
   stop.complete_after = {s: u.stage_complete(workdir, s) for s in u.STAGES}
   message = re.search(_STOP_MESSAGE, stop.run.output)
   if message:
@@ -248,13 +268,18 @@ def stopped_run(tmp_path_factory) -> tuple[str, list[Stop]]:
   for kind, sig in PLAN:
     stop = _stop_once(workdir, kind, sig, rng)
     stops.append(stop)
-    timing = (f"; 'resumed from step' at {stop.resumed_s:.1f}s, first step "
-              f"logged at {stop.first_step_s or float('nan'):.1f}s"
-              if stop.resumed_s is not None else "")
-    print(f"\n{kind}: {stop.how or 'no signal'} -> {'+'.join(stop.hits)} "
-          f"(target {stop.target}, delay {stop.delay:.3f}s), rc "
-          f"{stop.run.returncode}, {stop.run.seconds:.1f}s, latest "
-          f"checkpoints {stop.latest_after}{timing}")
+    timing = (
+      f"; 'resumed from step' at {stop.resumed_s:.1f}s, first step "
+      f"logged at {stop.first_step_s or float('nan'):.1f}s"
+      if stop.resumed_s is not None
+      else ""
+    )
+    print(
+      f"\n{kind}: {stop.how or 'no signal'} -> {'+'.join(stop.hits)} "
+      f"(target {stop.target}, delay {stop.delay:.3f}s), rc "
+      f"{stop.run.returncode}, {stop.run.seconds:.1f}s, latest "
+      f"checkpoints {stop.latest_after}{timing}"
+    )
   return workdir, stops
 
 
@@ -282,7 +307,7 @@ def test_every_rerun_resumes_in_the_stage_it_stopped_in(stopped_run):
     for line in stop.expected_lines:
       assert line in stop.run.output, (stop.kind, line, stop.run.tail())
   # A stop inside stage 3 reruns no earlier stage.
-  for stop in stops[stops.index(_stop(stops, "epoch_end_eval")[1]):]:
+  for stop in stops[stops.index(_stop(stops, "epoch_end_eval")[1]) :]:
     assert not re.search(r"teacher epoch \d", stop.run.output), stop.kind
     assert "teacher_logits: finished earlier" in stop.run.output, stop.kind
 
@@ -327,10 +352,19 @@ def test_stop_signal_before_an_epoch_ending_step_saves_once(tmp_path):
   which ends epoch 0 and is checkpointed as such.
   """
   workdir = str(tmp_path / "run")
-  proc = u.MainProcess(workdir, "--config.method=ce", "--config.num_epochs=3",
-                       "--config.batch_size=1024", "--config.log_every_steps=1")
-  proc.wait_until(lambda: any("teacher and teacher_logits: skipped" in line
-                              for line in proc.snapshot()), timeout=300)
+  proc = u.MainProcess(
+    workdir,
+    "--config.method=ce",
+    "--config.num_epochs=3",
+    "--config.batch_size=1024",
+    "--config.log_every_steps=1",
+  )
+  proc.wait_until(
+    lambda: any(
+      "teacher and teacher_logits: skipped" in line for line in proc.snapshot()
+    ),
+    timeout=300,
+  )
   assert proc.send(signal.SIGINT)
   run = proc.finish()
   assert run.returncode == 0, run.tail()
@@ -346,7 +380,8 @@ def test_stop_signal_before_an_epoch_ending_step_saves_once(tmp_path):
 
 
 def test_stopped_run_ends_bitwise_identical_to_uninterrupted_run(
-    stopped_run, reference, reference_arrays):
+  stopped_run, reference, reference_arrays
+):
   workdir, stops = stopped_run
   final = stops[-1]
   assert final.run.returncode == 0, final.run.tail()
@@ -354,8 +389,7 @@ def test_stopped_run_ends_bitwise_identical_to_uninterrupted_run(
   _assert_same_as_reference(workdir, reference, reference_arrays)
 
 
-def test_stopped_run_logs_the_same_epoch_training_means(stopped_run,
-                                                       reference):
+def test_stopped_run_logs_the_same_epoch_training_means(stopped_run, reference):
   """results.json's per-epoch training-loss means, to the last bit.
 
   They are sums over each epoch's steps; a resumed run must add the same
@@ -366,11 +400,13 @@ def test_stopped_run_logs_the_same_epoch_training_means(stopped_run,
   got = _train_means(u.comparable_results(workdir))
   want = _train_means(u.comparable_results(reference))
   differing = [
-      f"{stage} epoch {epoch} {name}: {got[stage][epoch][name]!r} vs "
-      f"{want[stage][epoch][name]!r}"
-      for stage in want for epoch in range(len(want[stage]))
-      for name in want[stage][epoch]
-      if got[stage][epoch].get(name) != want[stage][epoch][name]]
+    f"{stage} epoch {epoch} {name}: {got[stage][epoch][name]!r} vs "
+    f"{want[stage][epoch][name]!r}"
+    for stage in want
+    for epoch in range(len(want[stage]))
+    for name in want[stage][epoch]
+    if got[stage][epoch].get(name) != want[stage][epoch][name]
+  ]
   assert not differing, "\n".join(differing)
 
 
@@ -378,8 +414,11 @@ def test_stopped_run_logs_the_same_epoch_training_means(stopped_run,
 
 
 def _digests_without_events(workdir: str) -> dict[str, str]:
-  return {k: v for k, v in u.file_digests(workdir).items()
-          if "events.out.tfevents" not in k}
+  return {
+    k: v
+    for k, v in u.file_digests(workdir).items()
+    if "events.out.tfevents" not in k
+  }
 
 
 def test_rerun_of_a_finished_run_skips_every_stage(reference, tmp_path):
@@ -388,9 +427,11 @@ def test_rerun_of_a_finished_run_skips_every_stage(reference, tmp_path):
   before = _digests_without_events(workdir)
   run = u.run_main(workdir, *FLAGS)
   assert run.returncode == 0, run.tail()
-  for line in ("teacher: finished earlier; loading its final state.",
-               "teacher_logits: finished earlier; loading the bank.",
-               "student: finished earlier; nothing to do."):
+  for line in (
+    "teacher: finished earlier; loading its final state.",
+    "teacher_logits: finished earlier; loading the bank.",
+    "student: finished earlier; nothing to do.",
+  ):
     assert line in run.output, run.tail()
   assert not run.lines(EPOCH_LINE), "a finished stage trained again"
   assert not run.lines(STEP_LINE)
@@ -399,7 +440,8 @@ def test_rerun_of_a_finished_run_skips_every_stage(reference, tmp_path):
 
 
 def test_rerun_after_a_kill_between_bank_checkpoint_and_results_file(
-    reference, tmp_path):
+  reference, tmp_path
+):
   """A kill after stage 2's checkpoint is committed, before results.json.
 
   _teacher_logits_stage saves the bank, waits for the save, then writes
@@ -429,23 +471,32 @@ def test_resume_with_result_changing_fields_is_refused(reference, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
   before = u.file_digests(workdir)
-  run = u.run_main(workdir, *FLAGS, "--config.lambda_adv=0.2",
-                   "--config.seed=1", "--config.method=ps_kd",
-                   "--config.batch_size=32", "--config.lr_decay_epochs=(1,2)",
-                   "--config.model=preact_resnet18")
+  run = u.run_main(
+    workdir,
+    *FLAGS,
+    "--config.lambda_adv=0.2",
+    "--config.seed=1",
+    "--config.method=ps_kd",
+    "--config.batch_size=32",
+    "--config.lr_decay_epochs=(1,2)",
+    "--config.model=preact_resnet18",
+  )
   assert run.returncode not in (0, None), run.tail()
   assert "error: The workdir" in run.output, run.tail()
   assert "holds a run with a different config" in run.output
-  fields = ("  lambda_adv: None (saved) -> 0.2 (now)",
-            "  seed: 0 (saved) -> 1 (now)",
-            "  method: 'ai_kd' (saved) -> 'ps_kd' (now)",
-            "  batch_size: 64 (saved) -> 32 (now)",
-            "  lr_decay_epochs: [15, 23] (saved) -> [1, 2] (now)",
-            "  model: 'tiny_cnn' (saved) -> 'preact_resnet18' (now)")
+  fields = (
+    "  lambda_adv: None (saved) -> 0.2 (now)",
+    "  seed: 0 (saved) -> 1 (now)",
+    "  method: 'ai_kd' (saved) -> 'ps_kd' (now)",
+    "  batch_size: 64 (saved) -> 32 (now)",
+    "  lr_decay_epochs: [15, 23] (saved) -> [1, 2] (now)",
+    "  model: 'tiny_cnn' (saved) -> 'preact_resnet18' (now)",
+  )
   for field in fields:
     assert field in run.output, (field, run.tail())
-  listed = set(re.findall(r"^  (\w+): .* \(saved\) -> .* \(now\)$",
-                          run.output, flags=re.M))
+  listed = set(
+    re.findall(r"^  (\w+): .* \(saved\) -> .* \(now\)$", run.output, flags=re.M)
+  )
   assert listed == {f.split(":")[0].strip() for f in fields}, listed
   assert "use a new --workdir" in run.output
   assert not run.lines(EPOCH_LINE)
@@ -468,23 +519,34 @@ def test_resume_on_another_device_count_is_refused(reference, tmp_path):
   assert u.file_digests(workdir) == before
 
 
-def test_resume_with_neutral_fields_and_more_epochs_is_accepted(reference,
-                                                                 tmp_path):
+def test_resume_with_neutral_fields_and_more_epochs_is_accepted(
+  reference, tmp_path
+):
   """Bookkeeping fields change freely; num_epochs 3 -> 4 trains epoch 4."""
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
-  teacher_before = {k: v for k, v in _digests_without_events(workdir).items()
-                    if k.startswith("teacher")}
-  run = u.run_main(workdir, *FLAGS, "--config.log_every_steps=7",
-                   "--config.eval_batch_size=256",
-                   "--config.checkpoint_every_epochs=2",
-                   "--config.keep_checkpoints=3", "--config.num_epochs=4")
+  teacher_before = {
+    k: v
+    for k, v in _digests_without_events(workdir).items()
+    if k.startswith("teacher")
+  }
+  run = u.run_main(
+    workdir,
+    *FLAGS,
+    "--config.log_every_steps=7",
+    "--config.eval_batch_size=256",
+    "--config.checkpoint_every_epochs=2",
+    "--config.keep_checkpoints=3",
+    "--config.num_epochs=4",
+  )
   assert run.returncode == 0, run.tail()
-  for note in ("log_every_steps: 5 (saved) -> 7 (now)",
-               "eval_batch_size: 512 (saved) -> 256 (now)",
-               "checkpoint_every_epochs: 1 (saved) -> 2 (now)",
-               "keep_checkpoints: 2 (saved) -> 3 (now)",
-               "num_epochs: 3 (saved) -> 4 (now)"):
+  for note in (
+    "log_every_steps: 5 (saved) -> 7 (now)",
+    "eval_batch_size: 512 (saved) -> 256 (now)",
+    "checkpoint_every_epochs: 1 (saved) -> 2 (now)",
+    "keep_checkpoints: 2 (saved) -> 3 (now)",
+    "num_epochs: 3 (saved) -> 4 (now)",
+  ):
     assert note in run.output, (note, run.tail())
   assert "Config change accepted on resume" in run.output
   assert f"student: resumed from step {STUDENT_STEPS} " in run.output
@@ -497,8 +559,11 @@ def test_resume_with_neutral_fields_and_more_epochs_is_accepted(reference,
   reference_history = u.read_results(reference, "student")["history"]
   assert student["history"][:3] == reference_history
   assert u.checkpoint_steps(workdir, "student")[-1] == 4 * SPE
-  teacher_after = {k: v for k, v in _digests_without_events(workdir).items()
-                   if k.startswith("teacher")}
+  teacher_after = {
+    k: v
+    for k, v in _digests_without_events(workdir).items()
+    if k.startswith("teacher")
+  }
   assert teacher_after == teacher_before
 
 
@@ -509,25 +574,36 @@ def _non_finite_error(output: str) -> dict | None:
   """The stop message's term, step, epoch and stage, if it names them."""
   for line in output.splitlines():
     if not line.startswith("error: ") or not re.search(
-        r"\b(nan|inf|not finite)\b", line, flags=re.I):
+      r"\b(nan|inf|not finite)\b", line, flags=re.I
+    ):
       continue
     term = re.search(r"\b(loss/\w+)", line)
     step = re.search(r"\bstep (\d+)", line)
     epoch = re.search(r"\bepoch (\d+)", line)
     stage = re.search(r"\bof the (\w+) stage", line)
     if term and step and epoch and stage:
-      return dict(term=term[1], step=int(step[1]), epoch=int(epoch[1]),
-                  stage=stage[1], line=line)
+      return dict(
+        term=term[1],
+        step=int(step[1]),
+        epoch=int(epoch[1]),
+        stage=stage[1],
+        line=line,
+      )
   return None
 
 
-def test_non_finite_loss_stops_without_saving_the_bad_state(reference,
-                                                            tmp_path):
+def test_non_finite_loss_stops_without_saving_the_bad_state(
+  reference, tmp_path
+):
   """The learning rate jumps x1e30 at epoch 1: epoch 0 trains normally and
   is checkpointed at step 22, a loss term turns NaN a few steps later."""
   workdir = str(tmp_path / "run")
-  run = u.run_main(workdir, *FLAGS, "--config.lr_decay_epochs=(1,)",
-                   "--config.lr_decay_factor=1e30")
+  run = u.run_main(
+    workdir,
+    *FLAGS,
+    "--config.lr_decay_epochs=(1,)",
+    "--config.lr_decay_factor=1e30",
+  )
   assert run.returncode not in (0, None), run.tail()
   assert "Traceback" not in run.output, run.tail()
   error = _non_finite_error(run.output)
@@ -543,10 +619,12 @@ def test_non_finite_loss_stops_without_saving_the_bad_state(reference,
   assert not u.stage_complete(workdir, "teacher")
   assert not os.path.exists(os.path.join(workdir, "student"))
   arrays, progress = u.load_checkpoint(workdir, "teacher", SPE)
-  assert all(np.isfinite(v).all() for v in arrays.values()
-             if v.dtype.kind == "f")
+  assert all(
+    np.isfinite(v).all() for v in arrays.values() if v.dtype.kind == "f"
+  )
   reference_arrays, reference_progress = u.load_checkpoint(
-      reference, "teacher", SPE)
+    reference, "teacher", SPE
+  )
   assert not u.bitwise_differences(arrays, reference_arrays)
   assert progress == reference_progress
 
@@ -560,11 +638,15 @@ def test_divergence_first_seen_at_an_epoch_end_stops_cleanly(tmp_path):
   and epoch (no traceback), and no checkpoint may hold non-finite arrays.
   """
   workdir = str(tmp_path / "run")
-  run = u.run_main(workdir, "--config.num_epochs=3",
-                   "--config.teacher_num_epochs=3",
-                   "--config.log_every_steps=1", "--config.batch_size=1024",
-                   "--config.lr_decay_epochs=(1,)",
-                   "--config.lr_decay_factor=1e30")
+  run = u.run_main(
+    workdir,
+    "--config.num_epochs=3",
+    "--config.teacher_num_epochs=3",
+    "--config.log_every_steps=1",
+    "--config.batch_size=1024",
+    "--config.lr_decay_epochs=(1,)",
+    "--config.lr_decay_factor=1e30",
+  )
   for step in u.checkpoint_steps(workdir, "teacher"):
     arrays, _ = u.load_checkpoint(workdir, "teacher", step)
     bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
@@ -573,5 +655,8 @@ def test_divergence_first_seen_at_an_epoch_end_stops_cleanly(tmp_path):
   assert run.returncode not in (0, None), run.tail()
   assert "Traceback" not in run.output, run.tail()
   errors = run.lines(r"^error: ")
-  assert errors and re.search(r"step \d+", errors[-1]) and re.search(
-      r"epoch \d+", errors[-1]), run.tail()
+  assert (
+    errors
+    and re.search(r"step \d+", errors[-1])
+    and re.search(r"epoch \d+", errors[-1])
+  ), run.tail()

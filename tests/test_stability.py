@@ -17,7 +17,6 @@ from aikd_jax import train
 from aikd_jax.objective import resolve_objective
 from configs import digits
 
-
 TEACHER_EPOCHS = 3
 STUDENT_EPOCHS = 7  # past the 5-epoch ramp: two epochs at full weight
 
@@ -47,17 +46,24 @@ def teacher_checkpoints(tmp_path_factory):
 @pytest.mark.slow
 def test_ai_kd_without_the_ramp_diverges(tmp_path, teacher_checkpoints):
   """Guards the test below: it would fail on a student that diverges."""
-  config = _config(method="ai_kd", teacher_ramp_epochs=0.0,
-                   teacher_checkpoint=teacher_checkpoints)
+  config = _config(
+    method="ai_kd",
+    teacher_ramp_epochs=0.0,
+    teacher_checkpoint=teacher_checkpoints,
+  )
   with pytest.raises(train.NonFiniteLossError, match="diverged"):
     train.train_and_evaluate(config, str(tmp_path / "student"))
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
+@pytest.mark.xfail(
+  strict=False,
+  reason=(
     "measured: with this constant-lr 0.1 teacher the ramped student does not "
     "diverge but its max |logit| reached 3,407 at epoch 5 (loss/det 38); "
-    "with a teacher whose lr decays (the issue's repro) it stayed near 40"))
+    "with a teacher whose lr decays (the issue's repro) it stayed near 40"
+  ),
+)
 def test_ai_kd_defaults_train_preact_resnet18(tmp_path, teacher_checkpoints):
   config = _config(method="ai_kd", teacher_checkpoint=teacher_checkpoints)
   results = train.train_and_evaluate(config, str(tmp_path / "student"))
@@ -78,16 +84,23 @@ def test_ai_kd_defaults_train_preact_resnet18(tmp_path, teacher_checkpoints):
 
 
 def _step_metrics(det, prog, logit):
-  return {"loss/det": np.float32(det), "loss/prog": np.float32(prog),
-          "train/max_abs_logit": np.float32(logit)}
+  return {
+    "loss/det": np.float32(det),
+    "loss/prog": np.float32(prog),
+    "train/max_abs_logit": np.float32(logit),
+  }
 
 
 def test_totals_keep_the_first_bad_step_whole_and_interval_peaks():
   totals = progress.no_totals(_step_metrics(0, 0, 0))
-  for step, metrics in enumerate([_step_metrics(1.0, 2.0, 30.0),
-                                  _step_metrics(5.0, 3.0, 900.0),
-                                  _step_metrics(np.nan, 4.0, 1e6),
-                                  _step_metrics(np.inf, np.nan, np.nan)]):
+  for step, metrics in enumerate(
+    [
+      _step_metrics(1.0, 2.0, 30.0),
+      _step_metrics(5.0, 3.0, 900.0),
+      _step_metrics(np.nan, 4.0, 1e6),
+      _step_metrics(np.inf, np.nan, np.nan),
+    ]
+  ):
     totals = progress.accumulate(totals, metrics, step)
   assert int(totals["bad_step"]) == 2
   bad = {k: float(v) for k, v in totals["bad_values"].items()}
@@ -103,16 +116,30 @@ def test_divergence_message_names_every_bad_term_and_a_remedy():
   config = _config(method="ai_kd")
   objective = resolve_objective("ai_kd", {"teacher_ramp_epochs": 0.0})
   message = train.divergence_message(
-      "student", 9, 11, {"loss/det": float("nan"), "loss/adv": float("inf"),
-                         "loss/prog": 5.5, "train/grad_norm": 1.2e4},
-      objective, config)
+    "student",
+    9,
+    11,
+    {
+      "loss/det": float("nan"),
+      "loss/adv": float("inf"),
+      "loss/prog": 5.5,
+      "train/grad_norm": 1.2e4,
+    },
+    objective,
+    config,
+  )
   assert "step 9 (epoch 0) of the student stage" in message
   assert "loss/adv = inf, loss/det = nan not finite" in message
   assert "loss/prog = 5.5" in message and "train/grad_norm = 1.2e+04" in message
   assert "--config.teacher_ramp_epochs, now 0" in message
   assert "--config.learning_rate (now 0.1)" in message
   teacher = train.divergence_message(
-      "teacher", 3, 11, {"loss/prog": float("nan")},
-      resolve_objective("ce"), config)
+    "teacher",
+    3,
+    11,
+    {"loss/prog": float("nan")},
+    resolve_objective("ce"),
+    config,
+  )
   assert "teacher_ramp_epochs" not in teacher
   assert "learning_rate" in teacher and "grad_clip_norm" in teacher

@@ -48,10 +48,11 @@ def quadrant_dataset(n, c, seed=0):
   images = np.full((n,) + IMAGE_SHAPE, 40.0)
   for i, k in enumerate(labels):
     y, x = divmod(int(k), 2)
-    images[i, 4 * y:4 * y + 4, 4 * x:4 * x + 4] = 200.0
+    images[i, 4 * y : 4 * y + 4, 4 * x : 4 * x + 4] = 200.0
   images = np.clip(images + rng.normal(0, 30, images.shape), 0, 255)
-  teacher_logits = (4.0 * np.eye(c)[labels] +
-                    rng.normal(size=(n, c))).astype(np.float32)
+  teacher_logits = (4.0 * np.eye(c)[labels] + rng.normal(size=(n, c))).astype(
+    np.float32
+  )
   return images.astype(np.uint8), labels, teacher_logits
 
 
@@ -69,55 +70,94 @@ class Setup:
 
   def data(self, order: np.ndarray) -> ts.StepData:
     order = banks.put_sharded(np.asarray(order, np.int32), self.mesh)
-    return ts.StepData(self.images, self.labels, order,
-                       ts.Teacher(logits=self.teacher_bank))
+    return ts.StepData(
+      self.images, self.labels, order, ts.Teacher(logits=self.teacher_bank)
+    )
 
 
-def build_setup(mesh, layout, dataset, ids, *, method="ai_kd",
-                per_device_batch, steps_per_epoch, num_epochs,
-                num_classes, bank_dtype="float32", seed=0, base_lr=0.05,
-                crop_padding=1, flip=True, wrap_local_step=None) -> Setup:
+def build_setup(
+  mesh,
+  layout,
+  dataset,
+  ids,
+  *,
+  method="ai_kd",
+  per_device_batch,
+  steps_per_epoch,
+  num_epochs,
+  num_classes,
+  bank_dtype="float32",
+  seed=0,
+  base_lr=0.05,
+  crop_padding=1,
+  flip=True,
+  wrap_local_step=None,
+) -> Setup:
   images, labels, teacher_logits = dataset
   objective = resolve_objective(method)
   config = ts.StepConfig(
-      objective=objective, num_classes=num_classes, num_epochs=num_epochs,
-      steps_per_epoch=steps_per_epoch, per_device_batch=per_device_batch,
-      rows_per_device=layout.rows_per_device, seed=seed,
-      crop_padding=crop_padding, flip=flip, mean=MEAN, std=STD,
-      sync_batch_norm=True)
+    objective=objective,
+    num_classes=num_classes,
+    num_epochs=num_epochs,
+    steps_per_epoch=steps_per_epoch,
+    per_device_batch=per_device_batch,
+    rows_per_device=layout.rows_per_device,
+    seed=seed,
+    crop_padding=crop_padding,
+    flip=flip,
+    mean=MEAN,
+    std=STD,
+    sync_batch_norm=True,
+  )
   model = models.create_model("tiny_cnn", num_classes, bn_axis_name="data")
   init_model = models.create_model("tiny_cnn", num_classes)
   discriminator = models.Discriminator()
   lr = optim.student_learning_rate(base_lr, (), 0.1, steps_per_epoch)
-  tx = optim.student_optimizer(lr, momentum=0.9, nesterov=True,
-                               weight_decay=5e-4)
+  tx = optim.student_optimizer(
+    lr, momentum=0.9, nesterov=True, weight_decay=5e-4
+  )
   disc_tx = optim.discriminator_optimizer(2e-4, 0.5, 0.999)
   replicated = banks.replicated(mesh)
   student = jax.jit(
-      lambda: ts.create_classifier_state(init_model, IMAGE_SHAPE, tx,
-                                         jax.random.key(seed)),
-      out_shardings=replicated)()
+    lambda: ts.create_classifier_state(
+      init_model, IMAGE_SHAPE, tx, jax.random.key(seed)
+    ),
+    out_shardings=replicated,
+  )()
   disc = jax.jit(
-      lambda: ts.create_discriminator_state(discriminator, num_classes,
-                                            disc_tx, jax.random.key(seed + 1)),
-      out_shardings=replicated)()
+    lambda: ts.create_discriminator_state(
+      discriminator, num_classes, disc_tx, jax.random.key(seed + 1)
+    ),
+    out_shardings=replicated,
+  )()
   rows = layout.num_rows
   labels_by_id = banks.arrange_by_id(labels, ids, rows, fill=-1)
   setup = Setup(
-      mesh=mesh, layout=layout, config=config,
-      step_fn=ts.make_train_step(mesh, config, model=model,
-                                 discriminator=discriminator,
-                                 learning_rate=lr,
-                                 wrap_local_step=wrap_local_step),
-      carry=ts.TrainState(
-          student, disc,
-          banks.initial_prediction_bank(labels_by_id, num_classes,
-                                        bank_dtype, mesh)),
-      images=banks.put_sharded(banks.arrange_by_id(images, ids, rows), mesh),
-      labels=banks.put_sharded(labels_by_id, mesh),
-      teacher_bank=banks.put_sharded(
-          banks.arrange_by_id(teacher_logits, ids, rows), mesh),
-      labels_by_id=labels_by_id)
+    mesh=mesh,
+    layout=layout,
+    config=config,
+    step_fn=ts.make_train_step(
+      mesh,
+      config,
+      model=model,
+      discriminator=discriminator,
+      learning_rate=lr,
+      wrap_local_step=wrap_local_step,
+    ),
+    carry=ts.TrainState(
+      student,
+      disc,
+      banks.initial_prediction_bank(
+        labels_by_id, num_classes, bank_dtype, mesh
+      ),
+    ),
+    images=banks.put_sharded(banks.arrange_by_id(images, ids, rows), mesh),
+    labels=banks.put_sharded(labels_by_id, mesh),
+    teacher_bank=banks.put_sharded(
+      banks.arrange_by_id(teacher_logits, ids, rows), mesh
+    ),
+    labels_by_id=labels_by_id,
+  )
   return setup
 
 
@@ -125,15 +165,16 @@ def snapshot(carry: ts.TrainState) -> dict:
   """Host copies of everything the step updates (the carry is donated)."""
   get = lambda x: jax.tree_util.tree_map(np.asarray, jax.device_get(x))
   return dict(
-      params=get(carry.student.params),
-      batch_stats=get(carry.student.batch_stats),
-      opt_state=get(carry.student.opt_state),
-      step=int(carry.student.step),
-      disc_params=get(carry.discriminator.params),
-      disc_opt_state=get(carry.discriminator.opt_state),
-      disc_step=int(carry.discriminator.step),
-      bank=np.asarray(carry.prediction_bank.astype(jnp.float32)),
-      bank_dtype=str(carry.prediction_bank.dtype))
+    params=get(carry.student.params),
+    batch_stats=get(carry.student.batch_stats),
+    opt_state=get(carry.student.opt_state),
+    step=int(carry.student.step),
+    disc_params=get(carry.discriminator.params),
+    disc_opt_state=get(carry.discriminator.opt_state),
+    disc_step=int(carry.discriminator.step),
+    bank=np.asarray(carry.prediction_bank.astype(jnp.float32)),
+    bank_dtype=str(carry.prediction_bank.dtype),
+  )
 
 
 def host_metrics(metrics) -> dict:
@@ -147,15 +188,17 @@ def one_device_mesh():
 # --- HLO parsing -------------------------------------------------------------
 
 _MOVING_COLLECTIVE = re.compile(
-    r"\b(all-gather|all-to-all|collective-permute|reduce-scatter)"
-    r"(-start|-done)?\(")
+  r"\b(all-gather|all-to-all|collective-permute|reduce-scatter)"
+  r"(-start|-done)?\("
+)
 _ALL_REDUCE = re.compile(r"\ball-reduce(-start|-done)?\(")
 _SHAPE = re.compile(r"\b(?:pred|bf16|[suf]\d+|c\d+|f8\w*)\[([0-9,]*)\]")
 
 
 def _shapes(line):
-  return [tuple(int(x) for x in dims.split(",") if x)
-          for dims in _SHAPE.findall(line)]
+  return [
+    tuple(int(x) for x in dims.split(",") if x) for dims in _SHAPE.findall(line)
+  ]
 
 
 def bank_sized_collectives(hlo_text, num_rows, num_classes):
@@ -168,8 +211,10 @@ def bank_sized_collectives(hlo_text, num_rows, num_classes):
   bad = []
   for line in hlo_text.splitlines():
     if _MOVING_COLLECTIVE.search(line):
-      if any(s and (s[0] >= num_rows or math.prod(s) >= num_rows * num_classes)
-             for s in _shapes(line)):
+      if any(
+        s and (s[0] >= num_rows or math.prod(s) >= num_rows * num_classes)
+        for s in _shapes(line)
+      ):
         bad.append(line.strip())
     elif _ALL_REDUCE.search(line):
       if any(s and s[0] >= num_rows for s in _shapes(line)):
@@ -178,7 +223,8 @@ def bank_sized_collectives(hlo_text, num_rows, num_classes):
 
 
 def test_bank_sized_collectives_parser():
-  hlo = "\n".join([
+  hlo = "\n".join(
+    [
       "  %all-gather.1 = f32[304,10]{1,0} all-gather(f32[38,10]{1,0} %p), "
       "channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}",
       "  %ag2 = (f32[8]{0}, u32[]) all-gather-start(f32[1]{0} %q), "
@@ -190,7 +236,8 @@ def test_bank_sized_collectives_parser():
       "  %ar2 = f32[304,10]{1,0} all-reduce(f32[304,10]{1,0} %bank)",
       "  %add = f32[304,10]{1,0} add(f32[304,10]{1,0} %all-gather.1, "
       "f32[304,10]{1,0} %x)",
-  ])
+    ]
+  )
   bad = bank_sized_collectives(hlo, num_rows=304, num_classes=10)
   assert len(bad) == 2
   assert bad[0].startswith("%all-gather.1")
@@ -210,6 +257,7 @@ def _eight_vs_one_device_run(devices):
   bank-gathering function (to prove the HLO check can see a violation).
   """
   from jax.sharding import PartitionSpec as P
+
   assert len(devices) == 8, devices
   n, c, b, steps = EIGHT_N, EIGHT_C, EIGHT_B, EIGHT_STEPS
   dataset = random_dataset(n, c, seed=1)
@@ -220,18 +268,31 @@ def _eight_vs_one_device_run(devices):
   spe = layout8.steps_per_epoch(b)
   assert spe > steps  # both runs stay in epoch 0
   chex.clear_trace_counter()
-  eight = build_setup(banks.data_mesh(devices), layout8, dataset, ids,
-                      per_device_batch=b, steps_per_epoch=spe, num_epochs=2,
-                      num_classes=c,
-                      wrap_local_step=chex.assert_max_traces(n=1))
+  eight = build_setup(
+    banks.data_mesh(devices),
+    layout8,
+    dataset,
+    ids,
+    per_device_batch=b,
+    steps_per_epoch=spe,
+    num_epochs=2,
+    num_classes=c,
+    wrap_local_step=chex.assert_max_traces(n=1),
+  )
   order8 = banks.epoch_order(layout8, seed=0, epoch=0)
   data8 = eight.data(order8)
   initial = snapshot(eight.carry)
 
   step_hlo = eight.step_fn.lower(eight.carry, data8).compile().as_text()
-  gather = jax.jit(jax.shard_map(
-      lambda x: jax.lax.all_gather(x, "data", tiled=True), mesh=eight.mesh,
-      in_specs=P("data"), out_specs=P(), check_vma=False))
+  gather = jax.jit(
+    jax.shard_map(
+      lambda x: jax.lax.all_gather(x, "data", tiled=True),
+      mesh=eight.mesh,
+      in_specs=P("data"),
+      out_specs=P(),
+      check_vma=False,
+    )
+  )
   gather_hlo = gather.lower(eight.carry.prediction_bank).compile().as_text()
 
   carry, metrics8, first8 = eight.carry, [], None
@@ -244,8 +305,11 @@ def _eight_vs_one_device_run(devices):
   # Keep going into epoch 1 with a new epoch order: no retrace (the wrapped
   # local step raises on a second trace), no new XLA compilation.
   compiles = []
-  listener = lambda event, secs, **kw: compiles.append(event) if (
-      event == "/jax/core/compile/backend_compile_duration") else None
+  listener = lambda event, secs, **kw: (
+    compiles.append(event)
+    if (event == "/jax/core/compile/backend_compile_duration")
+    else None
+  )
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     for k in range(steps, 2 * spe):
@@ -255,21 +319,34 @@ def _eight_vs_one_device_run(devices):
     final_alpha = float(m["train/alpha"])
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  retrace = dict(compiles=len(compiles),
-                 cache_size=int(eight.step_fn._cache_size()),
-                 final_step=int(carry.student.step), final_alpha=final_alpha)
+  retrace = dict(
+    compiles=len(compiles),
+    cache_size=int(eight.step_fn._cache_size()),
+    final_step=int(carry.student.step),
+    final_alpha=final_alpha,
+  )
 
   # The global ids of each 8-device step's batch, device by device.
-  batch_ids = [np.concatenate([order8[d * s8 + k * b:d * s8 + (k + 1) * b] +
-                               d * s8 for d in range(8)])
-               for k in range(steps)]
+  batch_ids = [
+    np.concatenate(
+      [order8[d * s8 + k * b : d * s8 + (k + 1) * b] + d * s8 for d in range(8)]
+    )
+    for k in range(steps)
+  ]
   seen = np.concatenate(batch_ids)
   order1 = np.concatenate([seen, np.setdiff1d(np.arange(n), seen)])
   layout1 = banks.RowLayout(n, 1)
   assert layout1.num_rows == n and order1.shape == (n,)
-  one = build_setup(banks.data_mesh(devices[:1]), layout1, dataset, ids,
-                    per_device_batch=8 * b, steps_per_epoch=spe,
-                    num_epochs=2, num_classes=c)
+  one = build_setup(
+    banks.data_mesh(devices[:1]),
+    layout1,
+    dataset,
+    ids,
+    per_device_batch=8 * b,
+    steps_per_epoch=spe,
+    num_epochs=2,
+    num_classes=c,
+  )
   data1 = one.data(order1)
   carry, metrics1, first1 = one.carry, [], None
   for k in range(steps):
@@ -278,14 +355,23 @@ def _eight_vs_one_device_run(devices):
     first1 = snapshot(carry) if k == 0 else first1
   result1 = snapshot(carry)
 
-  results = dict(initial=initial, eight=result8, one=result1,
-                 first_eight=first8, first_one=first1, retrace=retrace,
-                 metrics8=metrics8, metrics1=metrics1,
-                 batch_ids=batch_ids, num_rows=layout8.num_rows,
-                 labels_by_id=eight.labels_by_id)
+  results = dict(
+    initial=initial,
+    eight=result8,
+    one=result1,
+    first_eight=first8,
+    first_one=first1,
+    retrace=retrace,
+    metrics8=metrics8,
+    metrics1=metrics1,
+    batch_ids=batch_ids,
+    num_rows=layout8.num_rows,
+    labels_by_id=eight.labels_by_id,
+  )
   info = dict(num_rows=layout8.num_rows, steps_per_epoch=spe, **retrace)
-  return dict(info=info, results=results, step_hlo=step_hlo,
-              gather_hlo=gather_hlo)
+  return dict(
+    info=info, results=results, step_hlo=step_hlo, gather_hlo=gather_hlo
+  )
 
 
 @pytest.fixture(scope="module")
@@ -295,9 +381,15 @@ def eight_device_run(eight_devices):
 
 def _max_abs_diff(a, b):
   leaves = jax.tree_util.tree_leaves(
-      jax.tree_util.tree_map(lambda x, y: np.max(np.abs(
-          np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0),
-          a, b))
+    jax.tree_util.tree_map(
+      lambda x, y: np.max(
+        np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)),
+        initial=0.0,
+      ),
+      a,
+      b,
+    )
+  )
   return max(float(x) for x in leaves)
 
 
@@ -317,41 +409,60 @@ def test_eight_devices_equal_one_device(eight_device_run):
   assert _max_abs_diff(eight["disc_params"], initial["disc_params"]) > 1e-5
   seen = np.concatenate(r["batch_ids"])
   assert len(np.unique(seen)) == steps * 8 * EIGHT_B
-  assert np.all(np.abs(eight["bank"][seen] - initial["bank"][seen]).max(-1)
-                > 1e-3)
+  assert np.all(
+    np.abs(eight["bank"][seen] - initial["bank"][seen]).max(-1) > 1e-3
+  )
   unseen = np.setdiff1d(np.arange(num_rows), seen)
   np.testing.assert_array_equal(eight["bank"][unseen], initial["bank"][unseen])
   np.testing.assert_array_equal(eight["bank"][n:], 0.0)
 
   tol = dict(rtol=1e-5, atol=1e-5)
-  report = {k: _max_abs_diff(eight[k], one[k])
-            for k in ("params", "batch_stats", "opt_state", "disc_params",
-                      "disc_opt_state")}
+  report = {
+    k: _max_abs_diff(eight[k], one[k])
+    for k in (
+      "params",
+      "batch_stats",
+      "opt_state",
+      "disc_params",
+      "disc_opt_state",
+    )
+  }
   report["bank"] = _max_abs_diff(eight["bank"][:n], one["bank"])
   print("max |8-device - 1-device| per group:", report)
   try:
     chex.assert_trees_all_close(eight["params"], one["params"], **tol)
-    chex.assert_trees_all_close(eight["batch_stats"], one["batch_stats"],
-                                **tol)
+    chex.assert_trees_all_close(eight["batch_stats"], one["batch_stats"], **tol)
     chex.assert_trees_all_close(eight["opt_state"], one["opt_state"], **tol)
-    chex.assert_trees_all_close(eight["disc_params"], one["disc_params"],
-                                **tol)
-    chex.assert_trees_all_close(eight["disc_opt_state"],
-                                one["disc_opt_state"], **tol)
+    chex.assert_trees_all_close(eight["disc_params"], one["disc_params"], **tol)
+    chex.assert_trees_all_close(
+      eight["disc_opt_state"], one["disc_opt_state"], **tol
+    )
     # The 8-device bank has padding rows [n, N_pad); rows are example ids.
     chex.assert_trees_all_close(eight["bank"][:n], one["bank"], **tol)
   except AssertionError as e:
     raise AssertionError(
-        f"{steps} steps on 8 devices differ from the same global batches on "
-        f"1 device; max abs differences: {report}. (If "
-        "test_eight_device_gradients_are_global_batch_means fails too, the "
-        f"gradients are summed over devices, not averaged.)\n{e}") from None
+      f"{steps} steps on 8 devices differ from the same global batches on "
+      f"1 device; max abs differences: {report}. (If "
+      "test_eight_device_gradients_are_global_batch_means fails too, the "
+      f"gradients are summed over devices, not averaged.)\n{e}"
+    ) from None
 
   metrics8, metrics1 = r["metrics8"], r["metrics1"]
   assert len(metrics8) == len(metrics1) == steps
-  assert set(metrics8[0]) == set(metrics1[0]) >= {
-      "loss/prog", "loss/det", "loss/adv", "loss/disc", "loss/student",
-      "train/train_acc", "train/alpha", "train/learning_rate"}
+  assert (
+    set(metrics8[0])
+    == set(metrics1[0])
+    >= {
+      "loss/prog",
+      "loss/det",
+      "loss/adv",
+      "loss/disc",
+      "loss/student",
+      "train/train_acc",
+      "train/alpha",
+      "train/learning_rate",
+    }
+  )
   for m8, m1 in zip(metrics8, metrics1):
     chex.assert_trees_all_close(m8, m1, **tol)
     assert m8["train/alpha"] == pytest.approx(0.8 * 1 / 2)
@@ -370,20 +481,31 @@ def test_eight_device_gradients_are_global_batch_means(eight_device_run):
   eight, one = r["first_eight"], r["first_one"]
   assert eight["step"] == one["step"] == 1
   student_grad = lambda snap: jax.tree_util.tree_map(
-      lambda t, p: t - 5e-4 * p, snap["opt_state"][1][0].trace, p0)
+    lambda t, p: t - 5e-4 * p, snap["opt_state"][1][0].trace, p0
+  )
   g8, g1 = student_grad(eight), student_grad(one)
   d8, d1 = eight["disc_opt_state"][0].mu, one["disc_opt_state"][0].mu
-  ratio = lambda a, b: float(np.median(np.concatenate([
-      (x / y).ravel() for x, y in zip(jax.tree_util.tree_leaves(a),
-                                      jax.tree_util.tree_leaves(b))])))
+  ratio = lambda a, b: float(
+    np.median(
+      np.concatenate(
+        [
+          (x / y).ravel()
+          for x, y in zip(
+            jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+          )
+        ]
+      )
+    )
+  )
   student_ratio, disc_ratio = ratio(g8, g1), ratio(d8, d1)
   message = (
-      f"8-device gradients are {student_ratio:.4g}x (student) and "
-      f"{disc_ratio:.4g}x (discriminator) the 1-device gradients of the same "
-      "global batch; expected 1x. Under jax.shard_map (check_vma=True), "
-      "jax.grad w.r.t. the replicated (P()) params already psums over "
-      "'data', so the lax.pmean that follows in train_step.py is a no-op and "
-      "the step applies the SUM of per-device gradients (D x the mean).")
+    f"8-device gradients are {student_ratio:.4g}x (student) and "
+    f"{disc_ratio:.4g}x (discriminator) the 1-device gradients of the same "
+    "global batch; expected 1x. Under jax.shard_map (check_vma=True), "
+    "jax.grad w.r.t. the replicated (P()) params already psums over "
+    "'data', so the lax.pmean that follows in train_step.py is a no-op and "
+    "the step applies the SUM of per-device gradients (D x the mean)."
+  )
   assert student_ratio == pytest.approx(1.0, rel=1e-3), message
   assert disc_ratio == pytest.approx(1.0, rel=1e-3), message
   chex.assert_trees_all_close(g8, g1, rtol=1e-4, atol=1e-6)
@@ -424,13 +546,23 @@ def test_step_never_retraces_across_epochs():
   layout = banks.RowLayout(n, 1)
   spe = layout.steps_per_epoch(b)
   assert spe == 4
-  setup = build_setup(one_device_mesh(), layout, random_dataset(n, c),
-                      banks.example_ids(n, 0), per_device_batch=b,
-                      steps_per_epoch=spe, num_epochs=2, num_classes=c,
-                      wrap_local_step=chex.assert_max_traces(n=1))
+  setup = build_setup(
+    one_device_mesh(),
+    layout,
+    random_dataset(n, c),
+    banks.example_ids(n, 0),
+    per_device_batch=b,
+    steps_per_epoch=spe,
+    num_epochs=2,
+    num_classes=c,
+    wrap_local_step=chex.assert_max_traces(n=1),
+  )
   compiles = []
-  listener = lambda event, secs, **kw: compiles.append(event) if (
-      event == "/jax/core/compile/backend_compile_duration") else None
+  listener = lambda event, secs, **kw: (
+    compiles.append(event)
+    if (event == "/jax/core/compile/backend_compile_duration")
+    else None
+  )
   carry, alphas = setup.carry, []
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
@@ -459,10 +591,18 @@ def test_ai_kd_learns_a_small_problem():
   spe = layout.steps_per_epoch(b)
   assert spe == 7  # 26 examples skipped each epoch
   num_epochs = -(-total // spe)
-  setup = build_setup(one_device_mesh(), layout, quadrant_dataset(n, c),
-                      banks.example_ids(n, 0), per_device_batch=b,
-                      steps_per_epoch=spe, num_epochs=num_epochs,
-                      num_classes=c, base_lr=0.05, flip=False)
+  setup = build_setup(
+    one_device_mesh(),
+    layout,
+    quadrant_dataset(n, c),
+    banks.example_ids(n, 0),
+    per_device_batch=b,
+    steps_per_epoch=spe,
+    num_epochs=num_epochs,
+    num_classes=c,
+    base_lr=0.05,
+    flip=False,
+  )
   onehot = np.eye(c, dtype=np.float32)[setup.labels_by_id]
   carry, history, early = setup.carry, [], None
   for step in range(total):
@@ -473,7 +613,7 @@ def test_ai_kd_learns_a_small_problem():
     carry, metrics = setup.step_fn(carry, data)
     history.append(host_metrics(metrics))
     if step == 2:
-      early = (np.asarray(carry.prediction_bank), order[:3 * b])
+      early = (np.asarray(carry.prediction_bank), order[: 3 * b])
 
   # Three steps into epoch 0: only the rows read so far were rewritten.
   bank, seen = early
@@ -492,7 +632,8 @@ def test_ai_kd_learns_a_small_problem():
   assert last < 0.5 * first, (first, last)
   assert acc[-20:].mean() > 0.9, acc[-20:]
   assert history[-1]["train/alpha"] == pytest.approx(
-      0.8 * ((total - 1) // spe + 1) / num_epochs, rel=1e-6)
+    0.8 * ((total - 1) // spe + 1) / num_epochs, rel=1e-6
+  )
 
   bank = np.asarray(carry.prediction_bank)
   chex.assert_shape(bank, (n, c))
@@ -509,11 +650,18 @@ def test_ai_kd_learns_a_small_problem():
 def _preset_setup(method, bank_dtype="float32"):
   n, c, b = 64, 10, 16
   layout = banks.RowLayout(n, 1)
-  setup = build_setup(one_device_mesh(), layout, random_dataset(n, c, seed=2),
-                      banks.example_ids(n, 0), method=method,
-                      per_device_batch=b,
-                      steps_per_epoch=layout.steps_per_epoch(b),
-                      num_epochs=2, num_classes=c, bank_dtype=bank_dtype)
+  setup = build_setup(
+    one_device_mesh(),
+    layout,
+    random_dataset(n, c, seed=2),
+    banks.example_ids(n, 0),
+    method=method,
+    per_device_batch=b,
+    steps_per_epoch=layout.steps_per_epoch(b),
+    num_epochs=2,
+    num_classes=c,
+    bank_dtype=bank_dtype,
+  )
   order = banks.epoch_order(layout, seed=0, epoch=0)
   return setup, order, b
 
@@ -524,15 +672,20 @@ def test_ce_step_leaves_discriminator_and_bank_alone():
   carry, metrics = setup.step_fn(setup.carry, setup.data(order))
   after = snapshot(carry)
   chex.assert_trees_all_equal(after["disc_params"], before["disc_params"])
-  chex.assert_trees_all_equal(after["disc_opt_state"],
-                              before["disc_opt_state"])
+  chex.assert_trees_all_equal(after["disc_opt_state"], before["disc_opt_state"])
   assert after["disc_step"] == before["disc_step"] == 0
   np.testing.assert_array_equal(after["bank"], before["bank"])
   assert after["step"] == 1
   assert _max_abs_diff(after["params"], before["params"]) > 1e-4
-  assert set(metrics) == {"loss/prog", "loss/student", "train/train_acc",
-                          "train/learning_rate", "train/alpha",
-                          "train/grad_norm", "train/max_abs_logit"}
+  assert set(metrics) == {
+    "loss/prog",
+    "loss/student",
+    "train/train_acc",
+    "train/learning_rate",
+    "train/alpha",
+    "train/grad_norm",
+    "train/max_abs_logit",
+  }
   assert float(metrics["loss/student"]) == float(metrics["loss/prog"])
   assert float(metrics["train/alpha"]) == 0.0
 
@@ -543,9 +696,10 @@ def test_ps_kd_step_writes_the_bank():
   carry, metrics = setup.step_fn(setup.carry, setup.data(order))
   carry, metrics = setup.step_fn(carry, setup.data(order))
   after = snapshot(carry)
-  seen, unseen = order[:2 * b], order[2 * b:]
-  assert np.all(np.abs(after["bank"][seen] - before["bank"][seen]).max(-1)
-                > 1e-4)
+  seen, unseen = order[: 2 * b], order[2 * b :]
+  assert np.all(
+    np.abs(after["bank"][seen] - before["bank"][seen]).max(-1) > 1e-4
+  )
   np.testing.assert_array_equal(after["bank"][unseen], before["bank"][unseen])
   np.testing.assert_allclose(after["bank"].sum(-1), 1.0, atol=1e-5)
   chex.assert_trees_all_equal(after["disc_params"], before["disc_params"])
@@ -564,9 +718,10 @@ def test_ai_kd_step_with_bfloat16_bank():
   chex.assert_shape(carry.prediction_bank, (64, 10))
   after = snapshot(carry)
   assert after["bank_dtype"] == "bfloat16"
-  seen, unseen = order[:2 * b], order[2 * b:]
-  assert np.all(np.abs(after["bank"][seen] - before["bank"][seen]).max(-1)
-                > 1e-3)
+  seen, unseen = order[: 2 * b], order[2 * b :]
+  assert np.all(
+    np.abs(after["bank"][seen] - before["bank"][seen]).max(-1) > 1e-3
+  )
   np.testing.assert_array_equal(after["bank"][unseen], before["bank"][unseen])
   np.testing.assert_allclose(after["bank"][seen].sum(-1), 1.0, atol=2e-2)
   assert after["disc_step"] == 2
@@ -577,8 +732,9 @@ def test_ai_kd_step_with_bfloat16_bank():
   ramp = 2 / (5 * setup.config.steps_per_epoch)
   assert m["train/teacher_weight"] == pytest.approx(ramp, rel=1e-6)
   assert m["loss/student"] == pytest.approx(
-      m["loss/prog"] + ramp * (1.0 * m["loss/det"] + 0.1 * m["loss/adv"]),
-      rel=1e-5)
+    m["loss/prog"] + ramp * (1.0 * m["loss/det"] + 0.1 * m["loss/adv"]),
+    rel=1e-5,
+  )
 
 
 # --- CS-KD -----------------------------------------------------------------
@@ -586,15 +742,23 @@ def test_ai_kd_step_with_bfloat16_bank():
 
 def _cs_kd_run(dataset, n=64, c=4, b=16):
   layout = banks.RowLayout(n, 1)
-  setup = build_setup(one_device_mesh(), layout, dataset,
-                      banks.example_ids(n, 0), method="cs_kd",
-                      per_device_batch=b,
-                      steps_per_epoch=layout.steps_per_epoch(b),
-                      num_epochs=2, num_classes=c, crop_padding=0,
-                      flip=False)
+  setup = build_setup(
+    one_device_mesh(),
+    layout,
+    dataset,
+    banks.example_ids(n, 0),
+    method="cs_kd",
+    per_device_batch=b,
+    steps_per_epoch=layout.steps_per_epoch(b),
+    num_epochs=2,
+    num_classes=c,
+    crop_padding=0,
+    flip=False,
+  )
   partners = banks.partner_rows(layout, setup.labels_by_id, seed=0, epoch=0)
   data = setup.data(banks.epoch_order(layout, seed=0, epoch=0)).replace(
-      partner_rows=banks.put_sharded(partners, setup.mesh))
+    partner_rows=banks.put_sharded(partners, setup.mesh)
+  )
   return setup.step_fn(setup.carry, data)
 
 
@@ -604,7 +768,8 @@ def test_cs_kd_class_wise_term_vanishes_when_a_class_is_one_image():
   n, c = 64, 4
   labels = (np.arange(n) % c).astype(np.int32)
   class_images = np.random.default_rng(0).integers(
-      0, 256, (c,) + IMAGE_SHAPE, dtype=np.uint8)
+    0, 256, (c,) + IMAGE_SHAPE, dtype=np.uint8
+  )
   dataset = (class_images[labels], labels, np.zeros((n, c), np.float32))
   _, metrics = _cs_kd_run(dataset, n, c)
   assert set(metrics) >= {"loss/cls", "loss/prog", "loss/student"}
@@ -616,8 +781,9 @@ def test_cs_kd_step_adds_the_class_wise_term():
   cls = float(metrics["loss/cls"])
   assert cls > 1e-4 and np.isfinite(cls)
   # lambda_cls = 1: the student loss is the sum of the two terms.
-  np.testing.assert_allclose(float(metrics["loss/student"]),
-                             float(metrics["loss/prog"]) + cls, rtol=1e-5)
+  np.testing.assert_allclose(
+    float(metrics["loss/student"]), float(metrics["loss/prog"]) + cls, rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("method", ["ps_kd", "ai_kd"])
@@ -627,11 +793,12 @@ def test_bank_is_updated_in_place(method):
   setup, order, _ = _preset_setup(method)
   bank = setup.carry.prediction_bank
   token = "f32[%s]" % ",".join(map(str, bank.shape))
-  text = setup.step_fn.lower(setup.carry, setup.data(order)).compile(
-  ).as_text()
-  copies = [line for line in text.splitlines()
-            if re.search(r"=\s*" + re.escape(token) + r"(\{[^}]*\})?\s+copy\(",
-                         line)]
+  text = setup.step_fn.lower(setup.carry, setup.data(order)).compile().as_text()
+  copies = [
+    line
+    for line in text.splitlines()
+    if re.search(r"=\s*" + re.escape(token) + r"(\{[^}]*\})?\s+copy\(", line)
+  ]
   assert not copies, copies
   # Not vacuous: the bank is in the program, and written by a scatter.
   assert token in text and "scatter" in text

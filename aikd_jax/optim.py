@@ -36,22 +36,16 @@ def student_optimizer(
   momentum: float,
   nesterov: bool,
   weight_decay: float,
-  grad_clip_norm: float = 0.0,
 ) -> optax.GradientTransformation:
   """SGD as PS-KD's PyTorch code runs it.
 
   Weight decay is coupled (added to the gradient before momentum, on every
   parameter including BatchNorm scales and biases), which is what
   torch.optim.SGD(weight_decay=...) does; optax's sgd with nesterov=True
-  follows torch's Nesterov formulation. `grad_clip_norm` > 0 clips the loss
-  gradient's global norm first, as torch.nn.utils.clip_grad_norm_ before
-  the optimiser step would; 0 leaves the gradient as it is.
+  follows torch's Nesterov formulation. Gradient clipping, where the
+  objective asks for it, happens in the train step before this.
   """
-  clip = (
-    [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
-  )
   return optax.chain(
-    *clip,
     optax.add_decayed_weights(weight_decay),
     optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   )

@@ -104,7 +104,6 @@ def validate(config: ml_collections.ConfigDict) -> Objective:
     "weight_decay",
     "crop_padding",
     "warmup_epochs",
-    "grad_clip_norm",
   ):
     if config[field] < 0:
       raise ConfigError(f"{field} must be non-negative, got {config[field]}.")

@@ -130,7 +130,6 @@ def build_stage(
       momentum=config.momentum,
       nesterov=config.nesterov,
       weight_decay=config.weight_decay,
-      grad_clip_norm=config.grad_clip_norm,
     ),
     discriminator_optimizer=optim.discriminator_optimizer(
       config.disc_learning_rate, config.disc_b1, config.disc_b2

@@ -82,7 +82,12 @@ def _remedies(
   remedies.append(
     f"lower --config.learning_rate (now {config.learning_rate:g})"
   )
-  if not config.grad_clip_norm:
+  if objective.grad_clip_norm:
+    remedies.append(
+      "clip the gradient harder (--config.grad_clip_norm, now "
+      f"{objective.grad_clip_norm:g})"
+    )
+  else:
     remedies.append("clip the gradient (e.g. --config.grad_clip_norm=5)")
   return ", or ".join(remedies)
 
@@ -324,7 +329,7 @@ def _teacher_stage(
   """Stage 1: the teacher's final state (trained, resumed or loaded)."""
   stage = stage_lib.build_stage(
     "teacher",
-    resolve_objective("ce"),
+    resolve_objective("ce", {"grad_clip_norm": config.grad_clip_norm}),
     run_config.teacher_epochs(config),
     config,
     data,

@@ -265,6 +265,12 @@ def _local_train_step(
   )
 
   grads = lax.pmean(grads, DATA_AXIS)
+  grad_norm = optax.tree.norm(grads)
+  if objective.grad_clip_norm > 0:
+    # As torch.nn.utils.clip_grad_norm_ before the optimiser step: the loss
+    # gradient only, before weight decay.
+    clip = optax.clip_by_global_norm(objective.grad_clip_norm)
+    grads, _ = clip.update(grads, clip.init(grads))
   batch_stats = model_updates["batch_stats"]
   if not config.sync_batch_norm:
     # Per-device statistics (PS-KD's DataParallel behaviour) are averaged
@@ -294,7 +300,7 @@ def _local_train_step(
   # Early signs of divergence: the largest logit on any device, and the
   # global norm of the loss gradient (before weight decay or clipping).
   metrics["train/max_abs_logit"] = lax.pmax(aux["max_abs_logit"], DATA_AXIS)
-  metrics["train/grad_norm"] = optax.global_norm(grads)
+  metrics["train/grad_norm"] = grad_norm
   if objective.uses_teacher and objective.teacher_ramp_epochs > 0:
     metrics["train/teacher_weight"] = jnp.asarray(teacher_weight, jnp.float32)
   metrics["train/learning_rate"] = jnp.asarray(learning_rate(step), jnp.float32)

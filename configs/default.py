@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.temperature = config_dict.placeholder(float)
   config.teacher_mode = config_dict.placeholder(str)  # precomputed | online
   config.teacher_ramp_epochs = config_dict.placeholder(float)
+  # Clip the student's gradient to this global norm (0: off); also applies to
+  # the teacher stage when set.
+  config.grad_clip_norm = config_dict.placeholder(float)
 
   # Teacher (stage 1): trained with `ce` unless a checkpoint is named.
   config.teacher_checkpoint = ""  # a stage-1 checkpoint directory to reuse
@@ -56,7 +59,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_decay_factor = 0.1
   # Off in PS-KD's recipe; available for unstable settings (ours).
   config.warmup_epochs = 0.0  # linear learning-rate warmup from 0
-  config.grad_clip_norm = 0.0  # clip the global gradient norm; 0: off
 
   # Discriminator (this project's choices).
   config.disc_hidden = (256, 256)

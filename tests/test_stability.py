@@ -49,6 +49,7 @@ def test_ai_kd_without_the_ramp_diverges(tmp_path, teacher_checkpoints):
   config = _config(
     method="ai_kd",
     teacher_ramp_epochs=0.0,
+    grad_clip_norm=0.0,
     teacher_checkpoint=teacher_checkpoints,
   )
   with pytest.raises(train.NonFiniteLossError, match="diverged"):

@@ -12,6 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from aikd_jax import banks
@@ -82,6 +83,7 @@ def build_setup(
   ids,
   *,
   method="ai_kd",
+  overrides=None,
   per_device_batch,
   steps_per_epoch,
   num_epochs,
@@ -94,7 +96,7 @@ def build_setup(
   wrap_local_step=None,
 ) -> Setup:
   images, labels, teacher_logits = dataset
-  objective = resolve_objective(method)
+  objective = resolve_objective(method, overrides)
   config = ts.StepConfig(
     objective=objective,
     num_classes=num_classes,
@@ -647,7 +649,7 @@ def test_ai_kd_learns_a_small_problem():
 # --- objective presets inside the step ---------------------------------------
 
 
-def _preset_setup(method, bank_dtype="float32"):
+def _preset_setup(method, bank_dtype="float32", overrides=None):
   n, c, b = 64, 10, 16
   layout = banks.RowLayout(n, 1)
   setup = build_setup(
@@ -656,6 +658,7 @@ def _preset_setup(method, bank_dtype="float32"):
     random_dataset(n, c, seed=2),
     banks.example_ids(n, 0),
     method=method,
+    overrides=overrides,
     per_device_batch=b,
     steps_per_epoch=layout.steps_per_epoch(b),
     num_epochs=2,
@@ -688,6 +691,35 @@ def test_ce_step_leaves_discriminator_and_bank_alone():
   }
   assert float(metrics["loss/student"]) == float(metrics["loss/prog"])
   assert float(metrics["train/alpha"]) == 0.0
+
+
+def test_grad_clip_scales_the_loss_gradient_to_the_norm():
+  def first_step_gradient(clip):
+    setup, order, _ = _preset_setup("ce", overrides={"grad_clip_norm": clip})
+    before = snapshot(setup.carry)
+    carry, metrics = setup.step_fn(setup.carry, setup.data(order))
+    # First SGD step (Nesterov, momentum 0.9, lr 0.05, coupled weight decay
+    # 5e-4): delta = -0.05 * 1.9 * (g + 5e-4 * params). Solve for g.
+    gradient = jax.tree_util.tree_map(
+      lambda new, old: (old - new) / (0.05 * 1.9) - 5e-4 * old,
+      snapshot(carry)["params"],
+      before["params"],
+    )
+    return gradient, float(metrics["train/grad_norm"])
+
+  unclipped, norm = first_step_gradient(0.0)
+  clipped, clipped_norm = first_step_gradient(0.5 * norm)
+  assert clipped_norm == pytest.approx(norm)  # logged before clipping
+  assert float(optax.tree.norm(unclipped)) == pytest.approx(norm, rel=1e-3)
+  chex.assert_trees_all_close(
+    clipped,
+    jax.tree_util.tree_map(lambda g: 0.5 * g, unclipped),
+    rtol=1e-3,
+    atol=1e-6,
+  )
+  # A bound above the norm changes nothing.
+  loose, _ = first_step_gradient(2.0 * norm)
+  chex.assert_trees_all_close(loose, unclipped, rtol=1e-5, atol=1e-7)
 
 
 def test_ps_kd_step_writes_the_bank():

@@ -234,13 +234,44 @@ def student_loss(
     (loss, terms): the scalar loss and each unweighted term's batch mean.
   """
   _check_inputs(objective, teacher_logits, discriminator_apply, partner_logits)
-  logits = student_logits.astype(jnp.float32)
+  loss, terms, _ = _student_loss(
+    objective,
+    student_logits.astype(jnp.float32),
+    labels,
+    previous_probs,
+    alpha=alpha,
+    teacher_logits=teacher_logits,
+    discriminator_apply=discriminator_apply,
+    discriminator_params=discriminator_params,
+    teacher_weight=teacher_weight,
+    partner_logits=partner_logits,
+  )
+  return loss, terms
+
+
+def _student_loss(
+  objective: Objective,
+  logits: jax.Array,
+  labels: jax.Array,
+  previous_probs: jax.Array,
+  *,
+  alpha: losses.Scalar,
+  teacher_logits: jax.Array | None,
+  discriminator_apply: DiscriminatorApply | None,
+  discriminator_params: Any,
+  teacher_weight: losses.Scalar,
+  partner_logits: jax.Array | None,
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+  """student_loss of float32 logits, and their softmax."""
   num_classes = logits.shape[-1]
   targets = losses.progressive_targets(
     labels, previous_probs, alpha, num_classes, objective.label_smoothing
   )
   terms = {"prog": losses.soft_cross_entropy(logits, targets).mean()}
   loss = terms["prog"]
+  # Where the softmax is taken fixes the order in which the backward pass adds
+  # up the logits' cotangents, and with it the last bits of a run's figures.
+  probs = jax.nn.softmax(logits)
   if objective.lambda_det > 0:
     teacher = lax.stop_gradient(teacher_logits.astype(jnp.float32))
     terms["det"] = losses.distillation_kl(
@@ -255,12 +286,10 @@ def student_loss(
     loss += objective.lambda_cls * terms["cls"]
   if objective.uses_discriminator:
     # The student's term sees the discriminator as a constant.
-    fooled = discriminator_apply(
-      lax.stop_gradient(discriminator_params), jax.nn.softmax(logits)
-    )
+    fooled = discriminator_apply(lax.stop_gradient(discriminator_params), probs)
     terms["adv"] = losses.generator_loss(fooled).mean()
     loss += teacher_weight * objective.lambda_adv * terms["adv"]
-  return loss, terms
+  return loss, terms, probs
 
 
 def discriminator_loss(
@@ -279,11 +308,27 @@ def discriminator_loss(
     the teacher's ("disc_real_acc") and the student's ("disc_fake_acc")
     probabilities.
   """
+  logits = student_logits.astype(jnp.float32)
+  return _discriminator_loss(
+    jax.nn.softmax(logits),
+    teacher_logits,
+    discriminator_apply,
+    discriminator_params,
+  )
+
+
+def _discriminator_loss(
+  probs: jax.Array,
+  teacher_logits: jax.Array,
+  discriminator_apply: DiscriminatorApply,
+  discriminator_params: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """discriminator_loss, given the student's probabilities."""
   real = discriminator_apply(
     discriminator_params,
     jax.nn.softmax(lax.stop_gradient(teacher_logits.astype(jnp.float32))),
   )
-  fake = discriminator_apply(discriminator_params, bank_rows(student_logits))
+  fake = discriminator_apply(discriminator_params, lax.stop_gradient(probs))
   loss = losses.discriminator_loss(real, fake).mean()
   accuracy = {
     "disc_real_acc": jnp.mean(real > 0),
@@ -311,9 +356,12 @@ def compute_losses(
   parameters, so one gradient of `student_loss + discriminator_loss` with
   respect to both models' parameters gives each model its own gradient.
   """
-  loss, terms = student_loss(
+  _check_inputs(objective, teacher_logits, discriminator_apply, partner_logits)
+  # One softmax for every use (a second one would change how XLA fuses the
+  # step, and with it the last bits of a run's figures).
+  loss, terms, probs = _student_loss(
     objective,
-    student_logits,
+    student_logits.astype(jnp.float32),
     labels,
     previous_probs,
     alpha=alpha,
@@ -325,12 +373,12 @@ def compute_losses(
   )
   disc_loss, accuracy = jnp.float32(0.0), {}
   if objective.uses_discriminator:
-    disc_loss, accuracy = discriminator_loss(
-      student_logits, teacher_logits, discriminator_apply, discriminator_params
+    disc_loss, accuracy = _discriminator_loss(
+      probs, teacher_logits, discriminator_apply, discriminator_params
     )
     terms["disc"] = disc_loss
   terms["student"] = loss
-  return Losses(loss, disc_loss, bank_rows(student_logits), terms, accuracy)
+  return Losses(loss, disc_loss, lax.stop_gradient(probs), terms, accuracy)
 
 
 def _check_inputs(

@@ -51,6 +51,7 @@ def main(argv):
   distributed.initialize(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   )
+  cli.log_to_file(FLAGS.workdir)
   sys.exit(cli.run(FLAGS.config, FLAGS.workdir))
 
 

@@ -12,6 +12,7 @@ from aikd_jax import checkpointing
 from aikd_jax import data as data_lib
 from aikd_jax import run_config
 from aikd_jax import train
+from aikd_jax import writers
 
 # Errors that are the input's fault: their message is the whole story.
 INPUT_ERRORS = (
@@ -34,6 +35,24 @@ def set_up_logging() -> None:
   """INFO and up on the console, without orbax's internal INFO lines."""
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+LOG_FILE = "log.txt"
+
+
+def log_to_file(workdir: str) -> None:
+  """Copies the console log to WORKDIR/log.txt from now on (appending, so a
+  resumed run adds to it). Process 0 only: call after jax.distributed is set
+  up."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.process_index() > 0:
+    return
+  handler = writers.LogFile(
+    os.path.join(workdir, LOG_FILE), logging.PythonFormatter()
+  )
+  handler.addFilter(_QuietLibraries())
+  logging.logging.getLogger().addHandler(handler)
 
 
 def input_error_status(error: Exception) -> int:

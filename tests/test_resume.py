@@ -41,9 +41,9 @@ SPE = u.STEPS_PER_EPOCH
 TEACHER_STEPS = u.TEACHER_EPOCHS * SPE
 STUDENT_STEPS = u.STUDENT_EPOCHS * SPE
 SEED = 20251125  # the stop moments are random, and reproducible
-# The student of ai_kd logs its adversarial term; the `ce` teacher does not.
-STUDENT_MARK = "loss/adv"
-EPOCH_LINE = r"(teacher|student) epoch \d+/\d+:"
+# The student's progress lines, told apart from the teacher's.
+STUDENT_MARK = "] student epoch"
+EPOCH_LINE = r"(teacher|student) epoch \d+/\d+ done in "
 STEP_LINE = u.STEP_LINE_PATTERN
 _STOP_MESSAGE = (
   r"(?P<signal>SIG\w+) received: saved a checkpoint at step "

@@ -438,7 +438,6 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  data_lib.hide_accelerators_from_tensorflow()
   sys.exit(
     run(
       flags.FLAGS.config,

@@ -91,3 +91,48 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     flush=True,
   )
   return 0
+
+
+# Console commands (pyproject.toml's [project.scripts]).
+
+
+def train_main() -> None:
+  """`aikd-train`: `python main.py` of this source tree, same flags.
+
+  main.py stays the one definition of the training command; the configs it
+  reads (configs/*.py) live beside it, so this command needs the source
+  tree, installed with `pip install -e .`.
+  """
+  import runpy  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main.py"
+  )
+  if not os.path.isfile(path):
+    sys.exit(
+      "error: aikd-train runs main.py of an aikd-jax source tree; install "
+      'the package from one with `pip install -e .`, or run "python main.py".'
+    )
+  sys.argv[0] = path
+  runpy.run_path(path, run_name="__main__")
+
+
+def compare_main() -> None:
+  """`aikd-compare`: `python -m aikd_jax.compare`, same flags."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  from aikd_jax import compare  # pylint: disable=g-import-not-at-top
+
+  compare.define_flags()
+  set_up_logging()
+  app.run(compare.main)
+
+
+def report_main() -> None:
+  """`aikd-report`: `python -m aikd_jax.report`, same flags."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  from aikd_jax import report  # pylint: disable=g-import-not-at-top
+
+  report.define_flags()
+  app.run(report.main)

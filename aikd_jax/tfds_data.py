@@ -174,6 +174,10 @@ def _raise_if_unobtainable(
 
 def _download_blocker(name: str) -> str | None:
   """Why TFDS cannot download `name` now, or None if it should be able to."""
+  url = DOWNLOAD_URLS.get(name)
+  reason = reachability.unreachable_reason(url) if url else None
+  if reason:
+    return reason
   if importlib.util.find_spec("tensorflow") is None:
     # Preparing (`tfds build`) runs TensorFlow; reading a prepared
     # ArrayRecord copy does not, so it is an optional extra.
@@ -181,10 +185,6 @@ def _download_blocker(name: str) -> str | None:
       "preparing a TFDS dataset needs TensorFlow: "
       'pip install -e ".[tfds-prepare]"'
     )
-  url = DOWNLOAD_URLS.get(name)
-  reason = reachability.unreachable_reason(url) if url else None
-  if reason:
-    return reason
   if importlib.util.find_spec("importlib_resources") is None:
     # TFDS imports it unconditionally when preparing a dataset but declares
     # it only for Python < 3.9 (tensorflow/datasets#11212).

@@ -41,9 +41,10 @@ LOG_FILE = "log.txt"
 
 
 def log_to_file(workdir: str) -> None:
-  """Copies the console log to WORKDIR/log.txt from now on (appending, so a
-  resumed run adds to it). Process 0 only: call after jax.distributed is set
-  up."""
+  """Copies the console log to WORKDIR/log.txt, appending (a resumed run adds
+  to it). The lines wait in memory until train.train_and_evaluate has checked
+  the inputs, so a refused run writes nothing. Process 0 only: call after
+  jax.distributed is set up."""
   import jax  # pylint: disable=g-import-not-at-top
 
   if jax.process_index() > 0:

@@ -409,6 +409,7 @@ def train_and_evaluate(
   for note in notes:
     logging.warning("Config change accepted on resume:%s", note)
   os.makedirs(workdir, exist_ok=True)
+  writers.open_log_files()
   if jax.process_index() == 0:
     run_config.save(config, workdir)
   mesh = banks.data_mesh()

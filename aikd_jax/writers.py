@@ -28,6 +28,7 @@ import struct
 import threading
 import time
 from typing import Any
+import weakref
 
 from absl import logging
 
@@ -431,11 +432,12 @@ def reliability_image(reliability: Mapping[str, Any], title: str) -> Any:
 
 
 class LogFile(std_logging.Handler):
-  """Appends every log record to `path` once its folder exists.
+  """Appends every log record to `path`, from when `open_log_files()` is
+  called on.
 
-  A run's workdir is created only after its inputs are checked; until then
-  the records wait in memory, so the file still starts with the run's first
-  line.
+  A run's inputs are checked before anything is written to its workdir; until
+  then the records wait in memory, so the file still starts with the run's
+  first line, and a refused run leaves the workdir as it was.
   """
 
   def __init__(self, path: str, formatter: std_logging.Formatter):
@@ -444,23 +446,41 @@ class LogFile(std_logging.Handler):
     self.setFormatter(formatter)
     self._file = None
     self._waiting: list[str] = []
+    _log_files.add(self)
+
+  def open(self) -> None:
+    """Creates or appends to the file; writes the records held so far."""
+    with self.lock:
+      if self._file is None:
+        self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+        self._file.writelines(self._waiting)
+        self._file.flush()
+        self._waiting = []
 
   def emit(self, record: std_logging.LogRecord) -> None:
     try:
       line = self.format(record) + "\n"
       if self._file is None:
-        if not os.path.isdir(os.path.dirname(self.path) or "."):
-          self._waiting.append(line)
-          return
-        self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
-        self._file.writelines(self._waiting)
-        self._waiting = []
-      self._file.write(line)
-      self._file.flush()
+        self._waiting.append(line)
+      else:
+        self._file.write(line)
+        self._file.flush()
     except Exception:  # pylint: disable=broad-except
       self.handleError(record)
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
+    with self.lock:
+      if self._file is not None:
+        self._file.close()
+      _log_files.discard(self)
     super().close()
+
+
+_log_files: weakref.WeakSet = weakref.WeakSet()
+
+
+def open_log_files() -> None:
+  """Starts every LogFile writing: call once the run's inputs are checked
+  and its workdir exists."""
+  for handler in list(_log_files):
+    handler.open()

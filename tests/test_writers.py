@@ -161,20 +161,20 @@ def test_images_and_config_text_reach_tensorboard(tmp_path):
   )
 
 
-def test_log_file_waits_for_its_folder_then_appends(tmp_path):
+def test_log_file_holds_records_until_opened_then_appends(tmp_path):
   logger = std_logging.getLogger("test_log_file")
   logger.setLevel(std_logging.INFO)
   logger.propagate = False
-  path = tmp_path / "workdir" / "log.txt"
+  path = tmp_path / "log.txt"
   handler = writers.LogFile(str(path), std_logging.Formatter("%(message)s"))
   logger.addHandler(handler)
   try:
-    logger.info("before the workdir exists")
+    logger.info("before the inputs are checked")
     assert not path.exists()
-    os.makedirs(tmp_path / "workdir")
+    writers.open_log_files()
     logger.info("after")
     logger.debug("below INFO: left out")
-    assert path.read_text() == "before the workdir exists\nafter\n"
+    assert path.read_text() == "before the inputs are checked\nafter\n"
   finally:
     logger.removeHandler(handler)
     handler.close()
@@ -182,13 +182,22 @@ def test_log_file_waits_for_its_folder_then_appends(tmp_path):
   handler = writers.LogFile(str(path), std_logging.Formatter("%(message)s"))
   logger.addHandler(handler)
   logger.info("resumed")
+  writers.open_log_files()
   logger.removeHandler(handler)
   handler.close()
   assert path.read_text().splitlines() == [
-    "before the workdir exists",
+    "before the inputs are checked",
     "after",
     "resumed",
   ]
+  # A handler never opened (a refused run) writes nothing.
+  other = tmp_path / "refused" / "log.txt"
+  handler = writers.LogFile(str(other), std_logging.Formatter("%(message)s"))
+  logger.addHandler(handler)
+  logger.info("refused")
+  logger.removeHandler(handler)
+  handler.close()
+  assert not other.parent.exists()
 
 
 def test_neither_tensorflow_nor_clu_is_imported(tmp_path):

@@ -223,3 +223,28 @@ print(json.dumps(sorted(m for m in sys.modules
   scalars = _read_scalars(path)[1]
   assert [s for s, _ in scalars["loss/ce"]] == [0, 1, 2, 3, 4]
   assert sorted(scalars) == ["loss/ce"]
+
+
+@pytest.mark.slow
+def test_a_digits_run_imports_neither_tensorflow_nor_clu(tmp_path):
+  """main.py's whole path, teacher and student stages, in a clean interpreter
+  where TensorFlow may well be installed: it is never imported."""
+  workdir = str(tmp_path / "run")
+  code = f"""
+import json, runpy, sys
+sys.argv = ["main.py", "--config=configs/digits.py", "--workdir={workdir}",
+            "--config.num_epochs=1", "--config.teacher_num_epochs=1"]
+try:
+  runpy.run_path("main.py", run_name="__main__")
+except SystemExit as stop:
+  assert stop.code == 0, stop.code
+print(json.dumps(sorted(m for m in sys.modules
+                        if m.split('.')[0] in ('tensorflow', 'clu'))))
+"""
+  proc = u.run_python("-c", code, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+  with open(os.path.join(workdir, "student", "results.json")) as f:
+    results = json.load(f)
+  assert results["complete"] and results["num_epochs"] == 1
+  assert os.path.getsize(os.path.join(workdir, "log.txt")) > 0

@@ -167,7 +167,8 @@ def resolve_objective(
 # --- The losses, as pure functions of logits ---------------------------------
 
 # `discriminator_apply(discriminator_params, probs) -> logits [B] or [B, 1]`;
-# for a Flax module, `lambda p, x: module.apply({"params": p}, x)`.
+# for a Flax module, its `apply` with its whole variables dict as the params
+# (README's example), or `lambda p, x: module.apply({"params": p}, x)`.
 DiscriminatorApply = Callable[[Any, jax.Array], jax.Array]
 
 

@@ -9,7 +9,7 @@ Rerunning with the same --workdir resumes where the run stopped.
 import os
 import sys
 
-# TensorFlow (imported by TFDS and the config loader) is quiet unless asked.
+# TensorFlow (imported only to prepare a TFDS dataset) is quiet unless asked.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
@@ -42,15 +42,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from aikd_jax import cli  # pylint: disable=g-import-not-at-top
-  from aikd_jax import data  # pylint: disable=g-import-not-at-top
   from aikd_jax import distributed  # pylint: disable=g-import-not-at-top
 
   cli.set_up_logging()
-  # TensorFlow serves only TFDS and TensorBoard here; keep it off the GPUs.
-  data.hide_accelerators_from_tensorflow()
   distributed.initialize(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   )
+  cli.log_to_file(FLAGS.workdir)
   sys.exit(cli.run(FLAGS.config, FLAGS.workdir))
 
 

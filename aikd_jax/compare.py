@@ -412,7 +412,7 @@ def run(
   return 0
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   flags.DEFINE_string(
     "workdir",
     None,
@@ -438,7 +438,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  data_lib.hide_accelerators_from_tensorflow()
+  cli.log_to_file(flags.FLAGS.workdir)
   sys.exit(
     run(
       flags.FLAGS.config,
@@ -450,6 +450,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   cli.set_up_logging()
   app.run(main)

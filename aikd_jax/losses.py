@@ -3,13 +3,15 @@
 Every function is pure and jit-able and returns one value per example (shape
 [B]); the training step takes the batch means and combines them with the
 config's weights. Losses are computed in float32 whatever the input dtype, so
-bfloat16 logits or banks do not cost precision in the reductions.
+bfloat16 logits or banks do not cost precision in the reductions. Where optax
+has the loss, it computes it here.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Scalar = int | float | jax.Array
 
@@ -61,7 +63,7 @@ def progressive_targets(
     float32 [B, C]; rows sum to 1 when the rows of `prev_probs` do.
   """
   onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  smoothed = (1.0 - label_smoothing) * onehot + label_smoothing / num_classes
+  smoothed = optax.losses.smooth_labels(onehot, label_smoothing)
   alpha = jnp.asarray(alpha, jnp.float32)
   return (1.0 - alpha) * smoothed + alpha * prev_probs.astype(jnp.float32)
 
@@ -79,8 +81,9 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   Returns:
     float32 [B].
   """
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
+  return optax.losses.softmax_cross_entropy(
+    logits.astype(jnp.float32), targets.astype(jnp.float32)
+  )
 
 
 def distillation_kl(
@@ -104,6 +107,11 @@ def distillation_kl(
   Returns:
     float32 [B].
   """
+  # Not optax.losses.kl_divergence: it takes log(p) of the teacher's
+  # probabilities, whose gradient is NaN (0 * 1/0) wherever a probability
+  # underflows to 0, as it does for large teacher logits at any tau; nor
+  # kl_divergence_with_log_targets, whose exp(-inf) * (-inf) is NaN in the
+  # value. Here both value and gradient stay finite (tests/test_losses.py).
   temperature = jnp.asarray(temperature, jnp.float32)
   student_log_probs = jax.nn.log_softmax(
     student_logits.astype(jnp.float32) / temperature, axis=-1
@@ -151,7 +159,9 @@ def discriminator_loss(
   """
   real = _per_example(real_logits)
   fake = _per_example(fake_logits)
-  return jax.nn.softplus(-real) + jax.nn.softplus(fake)
+  return optax.losses.sigmoid_binary_cross_entropy(
+    real, jnp.ones_like(real)
+  ) + optax.losses.sigmoid_binary_cross_entropy(fake, jnp.zeros_like(fake))
 
 
 def generator_loss(fake_logits: jax.Array) -> jax.Array:
@@ -166,4 +176,5 @@ def generator_loss(fake_logits: jax.Array) -> jax.Array:
   Returns:
     float32 [B].
   """
-  return jax.nn.softplus(-_per_example(fake_logits))
+  fake = _per_example(fake_logits)
+  return optax.losses.sigmoid_binary_cross_entropy(fake, jnp.ones_like(fake))

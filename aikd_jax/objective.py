@@ -1,17 +1,27 @@
 """One AI-KD objective; every method is a named preset of its weights.
 
 The baselines of docs/method.md (ce, ls, tf_kd, ps_kd) and AI-KD's ablations are
-not separate training loops: they are settings of the five fields below. A
-weight of zero removes its term from the compiled step altogether, so a `ce`
-step costs what plain cross-entropy costs.
+not separate training loops: they are settings of the fields of `Objective`.
+A weight of zero removes its term from the compiled step altogether, so a
+`ce` step costs what plain cross-entropy costs.
+
+The losses themselves are pure functions of logits, for any training loop:
+`student_loss`, `discriminator_loss` and `bank_rows`, or `compute_losses`,
+which returns all three. The train step (train_step.py) calls
+`compute_losses`; README, "AI-KD in your own loop", shows it in an optax loop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
+import jax
+from jax import lax
 import jax.numpy as jnp
+
+from aikd_jax import losses
 
 TEACHER_MODES = ("precomputed", "online")
 
@@ -165,3 +175,242 @@ def resolve_objective(
   objective = Objective(**fields)
   objective.validate()
   return objective
+
+
+# --- The losses, as pure functions of logits ---------------------------------
+
+# `discriminator_apply(discriminator_params, probs) -> logits [B] or [B, 1]`;
+# for a Flax module, its `apply` with its whole variables dict as the params
+# (README's example), or `lambda p, x: module.apply({"params": p}, x)`.
+DiscriminatorApply = Callable[[Any, jax.Array], jax.Array]
+
+
+class Losses(NamedTuple):
+  """What `compute_losses` returns.
+
+  student_loss: scalar, L_student (batch mean).
+  discriminator_loss: scalar, L_D (batch mean); 0 without a discriminator.
+  bank_rows: [B, C] float32, the student's probabilities (no gradient): the
+    prediction bank's new rows for these examples.
+  terms: the batch mean of each term before weighting ("prog", and "det",
+    "cls", "adv", "disc" where used), plus "student".
+  discriminator_accuracy: {"disc_real_acc", "disc_fake_acc"} where a
+    discriminator is used, else empty.
+  """
+
+  student_loss: jax.Array
+  discriminator_loss: jax.Array
+  bank_rows: jax.Array
+  terms: dict[str, jax.Array]
+  discriminator_accuracy: dict[str, jax.Array]
+
+
+def bank_rows(student_logits: jax.Array) -> jax.Array:
+  """The prediction bank's new rows: softmax of the student, no gradient."""
+  return lax.stop_gradient(jax.nn.softmax(student_logits.astype(jnp.float32)))
+
+
+def student_loss(
+  objective: Objective,
+  student_logits: jax.Array,
+  labels: jax.Array,
+  previous_probs: jax.Array,
+  *,
+  alpha: losses.Scalar,
+  teacher_logits: jax.Array | None = None,
+  discriminator_apply: DiscriminatorApply | None = None,
+  discriminator_params: Any = None,
+  teacher_weight: losses.Scalar = 1.0,
+  partner_logits: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L_student of docs/method.md, as the batch mean.
+
+  L = CE(t, z) + r * (lambda_det * KL_tau + lambda_adv * softplus(-D(p)))
+    + lambda_cls * KL_tau(partner), t = (1 - alpha) ybar + alpha P[id].
+
+  Args:
+    objective: the weights (`resolve_objective("ai_kd")`, ...).
+    student_logits: [B, C], the student on the batch (differentiated).
+    labels: int [B].
+    previous_probs: [B, C], the previous epoch's probabilities of these
+      examples (the prediction bank's rows; one-hot labels in epoch 0).
+    alpha: weight of `previous_probs`, e.g. `losses.alpha_at(epoch, ...)`.
+    teacher_logits: [B, C], the pre-trained model's; needed when
+      `objective.uses_teacher`. Not differentiated.
+    discriminator_apply, discriminator_params: the discriminator, needed when
+      `objective.uses_discriminator`; its parameters get no gradient here.
+    teacher_weight: the ramp of the teacher's terms,
+      `objective.teacher_weight(step, steps_per_epoch)`.
+    partner_logits: [B, C], CS-KD's same-class partners (not differentiated);
+      needed when `objective.uses_partners`.
+
+  Returns:
+    (loss, terms): the scalar loss and each unweighted term's batch mean.
+  """
+  _check_inputs(objective, teacher_logits, discriminator_apply, partner_logits)
+  loss, terms, _ = _student_loss(
+    objective,
+    student_logits.astype(jnp.float32),
+    labels,
+    previous_probs,
+    alpha=alpha,
+    teacher_logits=teacher_logits,
+    discriminator_apply=discriminator_apply,
+    discriminator_params=discriminator_params,
+    teacher_weight=teacher_weight,
+    partner_logits=partner_logits,
+  )
+  return loss, terms
+
+
+def _student_loss(
+  objective: Objective,
+  logits: jax.Array,
+  labels: jax.Array,
+  previous_probs: jax.Array,
+  *,
+  alpha: losses.Scalar,
+  teacher_logits: jax.Array | None,
+  discriminator_apply: DiscriminatorApply | None,
+  discriminator_params: Any,
+  teacher_weight: losses.Scalar,
+  partner_logits: jax.Array | None,
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+  """student_loss of float32 logits, and their softmax."""
+  num_classes = logits.shape[-1]
+  targets = losses.progressive_targets(
+    labels, previous_probs, alpha, num_classes, objective.label_smoothing
+  )
+  terms = {"prog": losses.soft_cross_entropy(logits, targets).mean()}
+  loss = terms["prog"]
+  # Where the softmax is taken fixes the order in which the backward pass adds
+  # up the logits' cotangents, and with it the last bits of a run's figures.
+  probs = jax.nn.softmax(logits)
+  if objective.lambda_det > 0:
+    teacher = lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    terms["det"] = losses.distillation_kl(
+      logits, teacher, objective.temperature
+    ).mean()
+    loss += teacher_weight * objective.lambda_det * terms["det"]
+  if objective.uses_partners:
+    partner = lax.stop_gradient(partner_logits.astype(jnp.float32))
+    terms["cls"] = losses.distillation_kl(
+      logits, partner, objective.temperature
+    ).mean()
+    loss += objective.lambda_cls * terms["cls"]
+  if objective.uses_discriminator:
+    # The student's term sees the discriminator as a constant.
+    fooled = discriminator_apply(lax.stop_gradient(discriminator_params), probs)
+    terms["adv"] = losses.generator_loss(fooled).mean()
+    loss += teacher_weight * objective.lambda_adv * terms["adv"]
+  return loss, terms, probs
+
+
+def discriminator_loss(
+  student_logits: jax.Array,
+  teacher_logits: jax.Array,
+  discriminator_apply: DiscriminatorApply,
+  discriminator_params: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L_D = softplus(-D(softmax(teacher))) + softplus(D(sg(softmax(student)))).
+
+  The batch mean; the student's probabilities enter as constants, so its
+  gradient reaches the discriminator's parameters alone.
+
+  Returns:
+    (loss, accuracy): the scalar loss and the discriminator's accuracy on
+    the teacher's ("disc_real_acc") and the student's ("disc_fake_acc")
+    probabilities.
+  """
+  logits = student_logits.astype(jnp.float32)
+  return _discriminator_loss(
+    jax.nn.softmax(logits),
+    teacher_logits,
+    discriminator_apply,
+    discriminator_params,
+  )
+
+
+def _discriminator_loss(
+  probs: jax.Array,
+  teacher_logits: jax.Array,
+  discriminator_apply: DiscriminatorApply,
+  discriminator_params: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """discriminator_loss, given the student's probabilities."""
+  real = discriminator_apply(
+    discriminator_params,
+    jax.nn.softmax(lax.stop_gradient(teacher_logits.astype(jnp.float32))),
+  )
+  fake = discriminator_apply(discriminator_params, lax.stop_gradient(probs))
+  loss = losses.discriminator_loss(real, fake).mean()
+  accuracy = {
+    "disc_real_acc": jnp.mean(real > 0),
+    "disc_fake_acc": jnp.mean(fake < 0),
+  }
+  return loss, accuracy
+
+
+def compute_losses(
+  objective: Objective,
+  student_logits: jax.Array,
+  labels: jax.Array,
+  previous_probs: jax.Array,
+  *,
+  alpha: losses.Scalar,
+  teacher_logits: jax.Array | None = None,
+  discriminator_apply: DiscriminatorApply | None = None,
+  discriminator_params: Any = None,
+  teacher_weight: losses.Scalar = 1.0,
+  partner_logits: jax.Array | None = None,
+) -> Losses:
+  """Both losses and the bank's new rows, from one batch's logits.
+
+  Arguments as `student_loss`'s. Each loss reaches only its own model's
+  parameters, so one gradient of `student_loss + discriminator_loss` with
+  respect to both models' parameters gives each model its own gradient.
+  """
+  _check_inputs(objective, teacher_logits, discriminator_apply, partner_logits)
+  # One softmax for every use (a second one would change how XLA fuses the
+  # step, and with it the last bits of a run's figures).
+  loss, terms, probs = _student_loss(
+    objective,
+    student_logits.astype(jnp.float32),
+    labels,
+    previous_probs,
+    alpha=alpha,
+    teacher_logits=teacher_logits,
+    discriminator_apply=discriminator_apply,
+    discriminator_params=discriminator_params,
+    teacher_weight=teacher_weight,
+    partner_logits=partner_logits,
+  )
+  disc_loss, accuracy = jnp.float32(0.0), {}
+  if objective.uses_discriminator:
+    disc_loss, accuracy = _discriminator_loss(
+      probs, teacher_logits, discriminator_apply, discriminator_params
+    )
+    terms["disc"] = disc_loss
+  terms["student"] = loss
+  return Losses(loss, disc_loss, lax.stop_gradient(probs), terms, accuracy)
+
+
+def _check_inputs(
+  objective: Objective,
+  teacher_logits: jax.Array | None,
+  discriminator_apply: DiscriminatorApply | None,
+  partner_logits: jax.Array | None,
+) -> None:
+  if objective.uses_teacher and teacher_logits is None:
+    raise ValueError(
+      "This objective distils from a pre-trained model: pass teacher_logits."
+    )
+  if objective.uses_discriminator and discriminator_apply is None:
+    raise ValueError(
+      "This objective has an adversarial term: pass discriminator_apply and "
+      "discriminator_params."
+    )
+  if objective.uses_partners and partner_logits is None:
+    raise ValueError(
+      "This objective has CS-KD's class-wise term: pass partner_logits."
+    )

@@ -7,12 +7,19 @@ which any metric was not finite, with all of that step's values, so that a
 divergence can be reported whole. The host reads a few scalars per log
 interval. A checkpoint's `progress` item is `Progress.saved()`: what a
 resumed run needs to go on bit for bit.
+
+`ConsoleReport` turns what the host reads into the console's lines: one per
+log interval, one per epoch, and the compilation of the train step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import contextlib
 import dataclasses
+import time
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,3 +187,201 @@ class Progress:
     self.epoch_sums, self.epoch_steps, self.epoch_peaks = {}, 0, {}
     self.totals = None
     return entry
+
+
+def format_duration(seconds: float) -> str:
+  """0.42 -> "0.4s", 12.3 -> "12s", 754 -> "12m34s", 45296 -> "12h34m",
+  2 days -> "2d00h"."""
+  if seconds < 9.95:
+    return f"{max(seconds, 0.0):.1f}s"
+  seconds = int(round(seconds))
+  days, rest = divmod(seconds, 86400)
+  hours, rest = divmod(rest, 3600)
+  minutes, secs = divmod(rest, 60)
+  if days:
+    return f"{days}d{hours:02d}h"
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  if minutes:
+    return f"{minutes}m{secs:02d}s"
+  return f"{secs}s"
+
+
+# The console line's losses, in this order; the rest go to TensorBoard only.
+_CONSOLE_LOSSES = ("student", "prog", "det", "cls", "adv", "disc")
+
+
+class ConsoleReport:
+  """A stage's progress on the console: a handful of lines per epoch.
+
+  One line per log interval (epoch, step/total, images/s, the stage's ETA and
+  the whole run's, the interval's losses), the compilation of the train step,
+  and one line per epoch with its wall time and test figures. Time spent in
+  `excluded` blocks (evaluation, checkpoints) does not count towards the
+  images/s; the ETAs add the mean evaluation time of the epochs to come.
+
+  Args:
+    stage: its name, at the start of every line.
+    num_epochs, steps_per_epoch: the stage's length.
+    batch_size: images per step, over all devices.
+    start_step: the step a resumed stage starts from.
+    later_steps, later_epochs: the training steps and epochs of the stages
+      that will run after this one, for the whole run's ETA.
+    clock: seconds, monotonic (tests pass a fake one).
+  """
+
+  def __init__(
+    self,
+    stage: str,
+    *,
+    num_epochs: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    start_step: int = 0,
+    later_steps: int = 0,
+    later_epochs: int = 0,
+    clock=None,
+  ):
+    self._clock = clock or time.monotonic
+    self.stage, self.num_epochs = stage, num_epochs
+    self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
+    self.total_steps = num_epochs * steps_per_epoch
+    self.later_steps, self.later_epochs = later_steps, later_epochs
+    now = self._clock()
+    self._mark_step, self._mark_time, self._excluded = start_step, now, 0.0
+    self._epoch_start, self._epoch_excluded = now, {}
+    self._eval_times: list[float] = []
+    self._compile_start = None
+    self.steps_per_sec: float | None = None
+
+  def compiling(self) -> None:
+    """Call just before the stage's first step."""
+    self._compile_start = self._clock()
+    logging.info("%s: compiling the train step...", self.stage)
+
+  def compiled(self, step: int) -> float:
+    """Call once the first step (`step` is the one after it) has finished.
+
+    Returns the seconds from `compiling` to now (compilation and one step);
+    the images/s leave them out.
+    """
+    now = self._clock()
+    seconds = now - self._compile_start
+    logging.info(
+      "%s: train step compiled and first step run in %.1fs.",
+      self.stage,
+      seconds,
+    )
+    self._mark_step, self._mark_time, self._excluded = step, now, 0.0
+    return seconds
+
+  @contextlib.contextmanager
+  def excluded(self, name: str) -> Iterator[None]:
+    """`with report.excluded("eval"):` keeps the block out of images/s."""
+    start = self._clock()
+    try:
+      yield
+    finally:
+      seconds = self._clock() - start
+      self._excluded += seconds
+      parts = self._epoch_excluded
+      parts[name] = parts.get(name, 0.0) + seconds
+
+  def eta(self, step: int) -> tuple[float, float] | None:
+    """(stage, whole run) seconds left after `step`; None before a rate."""
+    if not self.steps_per_sec:
+      return None
+    eval_secs = (
+      sum(self._eval_times) / len(self._eval_times) if self._eval_times else 0
+    )
+    # Evaluations to come, the current epoch's included: an interval that
+    # ends an epoch is logged before that epoch is evaluated.
+    epochs_left = self.num_epochs - max(step - 1, 0) // self.steps_per_epoch
+    stage = (self.total_steps - step) / self.steps_per_sec
+    stage += epochs_left * eval_secs
+    run = stage + self.later_steps / self.steps_per_sec
+    run += self.later_epochs * eval_secs
+    return stage, run
+
+  def interval(self, step: int, scalars: dict[str, float]) -> dict[str, float]:
+    """Logs the line of the interval that ends after `step`.
+
+    Args:
+      scalars: the interval's means (`Progress.read`).
+
+    Returns:
+      The rates, for TensorBoard: steps_per_sec and images_per_sec.
+    """
+    now = self._clock()
+    seconds = now - self._mark_time - self._excluded
+    rates = {}
+    if step > self._mark_step and seconds > 0:
+      self.steps_per_sec = (step - self._mark_step) / seconds
+      rates = {
+        "steps_per_sec": self.steps_per_sec,
+        "images_per_sec": self.steps_per_sec * self.batch_size,
+      }
+    self._mark_step, self._mark_time, self._excluded = step, now, 0.0
+    epoch = min(step - 1, self.total_steps - 1) // self.steps_per_epoch
+    parts = [
+      f"{self.stage} epoch {epoch + 1}/{self.num_epochs}",
+      f"step {step}/{self.total_steps}",
+    ]
+    if rates:
+      parts.append(f"{rates['images_per_sec']:,.0f} img/s")
+    eta = self.eta(step)
+    if eta is not None:
+      stage_eta, run_eta = eta
+      parts.append(
+        f"ETA {format_duration(stage_eta)} (run {format_duration(run_eta)})"
+      )
+    parts.append(_losses_text(scalars))
+    logging.info("%s", " | ".join(parts))
+    return rates
+
+  def end_epoch(self, epoch: int, test: dict[str, float]) -> float:
+    """Logs the epoch's wall time and test figures; returns the wall time.
+
+    Call after the epoch's evaluation (and its checkpoint, if any).
+    """
+    now = self._clock()
+    wall = now - self._epoch_start
+    if "eval" in self._epoch_excluded:
+      self._eval_times.append(self._epoch_excluded["eval"])
+    excluded = ", ".join(
+      f"{name} {format_duration(secs)}"
+      for name, secs in sorted(self._epoch_excluded.items())
+    )
+    logging.info(
+      "%s epoch %d/%d done in %s%s: test top-1 error %.2f%%, NLL %.3f, "
+      "ECE %.2f%%",
+      self.stage,
+      epoch + 1,
+      self.num_epochs,
+      format_duration(wall),
+      f" ({excluded})" if excluded else "",
+      test["top1_err"],
+      test["nll"],
+      test["ece"],
+    )
+    self._epoch_start, self._epoch_excluded = now, {}
+    return wall
+
+
+def _losses_text(scalars: dict[str, float]) -> str:
+  """ "loss 1.234 (prog 1.1, det 0.3) | acc 55.0% | lr 0.1"."""
+  losses = {
+    name: scalars[f"loss/{name}"]
+    for name in _CONSOLE_LOSSES
+    if f"loss/{name}" in scalars
+  }
+  text = []
+  if "student" in losses:
+    total = losses.pop("student")
+    inner = ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+    text.append(f"loss {total:.4g}" + (f" ({inner})" if inner else ""))
+  if "train/train_acc" in scalars:
+    text.append(f"train acc {100 * scalars['train/train_acc']:.1f}%")
+  if "train/learning_rate" in scalars:
+    text.append(f"lr {scalars['train/learning_rate']:.3g}")
+  return " | ".join(text)

@@ -669,7 +669,11 @@ def main(argv: Sequence[str]) -> None:
     )
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A workdir of aikd_jax.compare.")
   flags.mark_flag_as_required("workdir")
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(main)

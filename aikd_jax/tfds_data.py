@@ -43,6 +43,7 @@ def load(name: str, data_dir: str | None, download: bool) -> data.Dataset:
   if state == "missing":
     _raise_if_unobtainable(name, data_dir, download)
     logging.info("Downloading and preparing %s (ArrayRecord)...", name)
+    data.hide_accelerators_from_tensorflow()
     try:
       tfds.data_source(
         name,
@@ -177,6 +178,13 @@ def _download_blocker(name: str) -> str | None:
   reason = reachability.unreachable_reason(url) if url else None
   if reason:
     return reason
+  if importlib.util.find_spec("tensorflow") is None:
+    # Preparing (`tfds build`) runs TensorFlow; reading a prepared
+    # ArrayRecord copy does not, so it is an optional extra.
+    return (
+      "preparing a TFDS dataset needs TensorFlow: "
+      'pip install -e ".[tfds-prepare]"'
+    )
   if importlib.util.find_spec("importlib_resources") is None:
     # TFDS imports it unconditionally when preparing a dataset but declares
     # it only for Python < 3.9 (tensorflow/datasets#11212).

@@ -38,6 +38,7 @@ from aikd_jax.objective import Objective
 from aikd_jax.objective import resolve_objective
 from aikd_jax.preemption import Preempted
 from aikd_jax.preemption import SignalFlag
+from aikd_jax.progress import ConsoleReport
 from aikd_jax.progress import NonFiniteStep
 from aikd_jax.progress import Progress
 
@@ -106,6 +107,7 @@ def train_stage(
   signals: SignalFlag,
   teacher: step_lib.Teacher | None = None,
   time_phase: Callable[[str], ContextManager[None]] = _untimed,
+  later_stages: tuple[int, int] = (0, 0),
 ) -> step_lib.TrainState:
   """Trains `stage` to its last epoch, resuming from its checkpoints.
 
@@ -119,6 +121,8 @@ def train_stage(
       other than the steps: "log" (reading the metric totals, the divergence
       check, the scalars), "eval" (evaluation and the epoch's history entry)
       and "checkpoint" (starting a save). For benchmarks.
+    later_stages: (steps, epochs) of the training stages that will run after
+      this one, for the whole run's ETA.
 
   Returns:
     The final train state.
@@ -154,17 +158,24 @@ def train_stage(
     )
   step_fn = stage_lib.make_train_step(stage, mesh)
   predict = stage_lib.make_predict_fn(stage, data, mesh, config.eval_batch_size)
+  # The console gets ConsoleReport's lines; TensorBoard every scalar.
   writer = writers.create_writer(
-    stage_dir, just_logging=jax.process_index() > 0
+    stage_dir, just_logging=jax.process_index() > 0, console=False
   )
-  report = writers.ReportProgress(
-    num_train_steps=total_steps,
-    writer=writer,
-    every_steps=config.log_every_steps,
+  console = ConsoleReport(
+    stage.name,
+    num_epochs=stage.num_epochs,
+    steps_per_epoch=steps_per_epoch,
+    batch_size=config.batch_size,
+    start_step=int(state.student.step),
+    later_steps=later_stages[0],
+    later_epochs=later_stages[1],
   )
+  if latest is None:
+    writer.write_hparams(config.to_dict())
 
   def save(step: int) -> None:
-    with time_phase("checkpoint"):
+    with time_phase("checkpoint"), console.excluded("checkpoint"):
       checkpoints.save(step, state, progress.saved())
 
   def stop_here(step: int) -> None:
@@ -178,6 +189,7 @@ def train_stage(
     )
 
   step, stop = int(state.student.step), False
+  start_step = step
   try:
     for epoch in range(step // steps_per_epoch, stage.num_epochs):
       step_data = stage_lib.step_data(stage, data, mesh, epoch, teacher)
@@ -186,10 +198,15 @@ def train_stage(
         (epoch + 1) * steps_per_epoch,
       )
       while step < epoch_end:
+        first = step == start_step
+        if first:
+          console.compiling()
         state, metrics = step_fn(state, step_data)
         progress.add(metrics, step)
         step += 1
-        report(step)
+        if first:
+          jax.block_until_ready(metrics)
+          console.compiled(step)
         sync_point = step == epoch_end or step % config.log_every_steps == 0
         stop = signals.stop_agreed(sync_point)
         if sync_point or stop:
@@ -208,28 +225,31 @@ def train_stage(
                 )
               ) from None
             if scalars is not None:
-              writer.write_scalars(step, scalars)
+              rates = console.interval(step, scalars)
+              writer.write_scalars(step, scalars | rates)
         if stop and step < epoch_end:
           stop_here(step)
-      with report.timed("eval"), time_phase("eval"):
+      with time_phase("eval"), console.excluded("eval"):
         test, reliability = _evaluate(
           stage, config, predict, state, data, epoch
         )
         progress.end_epoch(epoch, test, reliability)
         writer.write_scalars(step, {f"test/{k}": v for k, v in test.items()})
-        logging.info(
-          "%s epoch %d/%d: test top-1 error %.2f%%, NLL %.3f, ECE %.2f",
-          stage.name,
-          epoch + 1,
-          stage.num_epochs,
-          test["top1_err"],
-          test["nll"],
-          test["ece"],
-        )
+        if jax.process_index() == 0:
+          writer.write_images(
+            step,
+            {
+              "test/reliability": writers.reliability_image(
+                reliability,
+                f"{stage.name}, epoch {epoch + 1}: ECE {test['ece']:.2f}%",
+              )
+            },
+          )
       if step == total_steps or (
         (epoch + 1) % config.checkpoint_every_epochs == 0
       ):
         save(step)
+      console.end_epoch(epoch, test)
       if stop and step < total_steps:
         stop_here(step)
     checkpoints.wait()
@@ -325,8 +345,11 @@ def _teacher_stage(
   mesh: jax.sharding.Mesh,
   workdir: str,
   signals: SignalFlag,
+  later_epochs: int = 0,
 ) -> tuple[stage_lib.Stage, step_lib.ClassifierState]:
-  """Stage 1: the teacher's final state (trained, resumed or loaded)."""
+  """Stage 1: the teacher's final state (trained, resumed or loaded).
+
+  `later_epochs`: the student's epochs to come, for the run's ETA."""
   stage = stage_lib.build_stage(
     "teacher",
     resolve_objective("ce", {"grad_clip_norm": config.grad_clip_norm}),
@@ -355,7 +378,10 @@ def _teacher_stage(
       config.keep_checkpoints,
     ).student
   else:
-    teacher = train_stage(stage, config, data, mesh, workdir, signals).student
+    later = (later_epochs * stage.steps_per_epoch, later_epochs)
+    teacher = train_stage(
+      stage, config, data, mesh, workdir, signals, later_stages=later
+    ).student
   return stage, teacher
 
 
@@ -388,6 +414,7 @@ def train_and_evaluate(
   for note in notes:
     logging.warning("Config change accepted on resume:%s", note)
   os.makedirs(workdir, exist_ok=True)
+  writers.open_log_files()
   if jax.process_index() == 0:
     run_config.save(config, workdir)
   mesh = banks.data_mesh()
@@ -420,7 +447,7 @@ def train_and_evaluate(
       )
     else:
       teacher_stage, teacher_state = _teacher_stage(
-        config, data, mesh, workdir, signals
+        config, data, mesh, workdir, signals, config.num_epochs
       )
       if objective.teacher_mode == "online":
         logging.info("teacher_logits: skipped (online teacher).")

@@ -24,6 +24,7 @@ import optax
 
 from aikd_jax import augment as augment_lib
 from aikd_jax import losses
+from aikd_jax import objective as objective_lib
 from aikd_jax.banks import DATA_AXIS
 from aikd_jax.objective import Objective
 
@@ -177,6 +178,7 @@ def _local_train_step(
       jax.random.fold_in(key, _PARTNER_STREAM),
     )
 
+  teacher_logits = None
   if objective.uses_teacher:
     if objective.teacher_mode == "online":
       teacher_logits = teacher_model.apply(
@@ -189,8 +191,8 @@ def _local_train_step(
   alpha = losses.alpha_at(epoch, objective.alpha_T, config.num_epochs)
   teacher_weight = objective.teacher_weight(step, config.steps_per_epoch)
   previous = state.prediction_bank[rows].astype(jnp.float32)
-  targets = losses.progressive_targets(
-    labels, previous, alpha, config.num_classes, objective.label_smoothing
+  discriminator_apply = lambda params, probs: discriminator.apply(
+    {"params": params}, probs
   )
 
   def objective_fn(params, discriminator_params):
@@ -200,16 +202,7 @@ def _local_train_step(
       train=True,
       mutable=["batch_stats"],
     )
-    logits = logits.astype(jnp.float32)
-    terms = {"prog": losses.soft_cross_entropy(logits, targets).mean()}
-    student_loss = terms["prog"]
-    probs = jax.nn.softmax(logits)
-    aux = {}
-    if objective.lambda_det > 0:
-      terms["det"] = losses.distillation_kl(
-        logits, teacher_logits, objective.temperature
-      ).mean()
-      student_loss += teacher_weight * objective.lambda_det * terms["det"]
+    partner_logits = None
     if objective.uses_partners:
       # CS-KD: a second train-mode pass on the same-class partners, without
       # gradient (its BatchNorm statistics update follows the anchors').
@@ -222,37 +215,28 @@ def _local_train_step(
         train=True,
         mutable=["batch_stats"],
       )
-      partner_logits = lax.stop_gradient(partner_logits.astype(jnp.float32))
-      terms["cls"] = losses.distillation_kl(
-        logits, partner_logits, objective.temperature
-      ).mean()
-      student_loss += objective.lambda_cls * terms["cls"]
-    discriminator_loss = 0.0
-    if objective.uses_discriminator:
-      # The student's term sees phi as a constant; the discriminator's term
-      # sees the student's probabilities as constants: one backward pass of
-      # the sum gives each model exactly its own gradient.
-      fooled = discriminator.apply(
-        {"params": lax.stop_gradient(discriminator_params)}, probs
-      )
-      terms["adv"] = losses.generator_loss(fooled).mean()
-      student_loss += teacher_weight * objective.lambda_adv * terms["adv"]
-      real = discriminator.apply(
-        {"params": discriminator_params}, jax.nn.softmax(teacher_logits)
-      )
-      fake = discriminator.apply(
-        {"params": discriminator_params}, lax.stop_gradient(probs)
-      )
-      terms["disc"] = losses.discriminator_loss(real, fake).mean()
-      discriminator_loss = terms["disc"]
-      aux["disc_real_acc"] = jnp.mean(real > 0)
-      aux["disc_fake_acc"] = jnp.mean(fake < 0)
-    terms["student"] = student_loss
+    # One implementation of the objective, the public one: each loss reaches
+    # only its own model's parameters, so one backward pass of the sum gives
+    # each model exactly its own gradient.
+    out = objective_lib.compute_losses(
+      objective,
+      logits,
+      labels,
+      previous,
+      alpha=alpha,
+      teacher_logits=teacher_logits,
+      discriminator_apply=discriminator_apply,
+      discriminator_params=discriminator_params,
+      teacher_weight=teacher_weight,
+      partner_logits=partner_logits,
+    )
+    aux = dict(out.discriminator_accuracy)
+    logits = logits.astype(jnp.float32)
     aux["train_acc"] = jnp.mean(jnp.argmax(logits, -1) == labels)
     aux["max_abs_logit"] = jnp.max(jnp.abs(logits))
     return (
-      student_loss + discriminator_loss,
-      (terms, aux, probs, model_updates),
+      out.student_loss + out.discriminator_loss,
+      (out.terms, aux, out.bank_rows, model_updates),
     )
 
   grad_fn = jax.grad(objective_fn, argnums=(0, 1), has_aux=True)
@@ -289,7 +273,7 @@ def _local_train_step(
     # Adding 0 * (the rows read above) orders the write after the read, so
     # XLA updates the donated bank in place instead of copying all of it
     # (twice) every step; bank rows are finite, so the value is unchanged.
-    new_rows = lax.stop_gradient(probs) + 0.0 * previous
+    new_rows = probs + 0.0 * previous
     bank = bank.at[rows].set(new_rows.astype(bank.dtype))
 
   metrics = {

@@ -1,28 +1,26 @@
-"""Metric writers and progress reports without TensorFlow or clu.
+"""Metric writers and the run's log file, without TensorFlow or clu.
 
 Training runs entirely in JAX, so its metrics should not need TensorFlow
 either. clu's writers do (`clu.metric_writers` imports its TF summary writer
-at import time, and `clu.periodic_actions` imports `clu.metric_writers`);
-this module stands in for the parts the trainer uses, with no dependency
-beyond absl (and jax, for `ReportProgress.timed`):
+at import time); this module stands in for the parts the trainer uses, with
+no dependency beyond absl (Pillow and matplotlib, imported when an image is
+written):
 
-* `create_writer(workdir, just_logging)`: scalars to the console (the lines
-  clu's LoggingWriter writes, "[step] name=value, ...") and, unless
-  `just_logging`, to a TensorBoard event file in `workdir`, encoded here
-  as `tf.summary.scalar` writes them (a float32 tensor with the "scalars"
-  plugin's metadata), so TensorBoard reads them as before.
-* `ReportProgress`: clu's ReportProgress, same arguments, same `report(step)`
-  and `with report.timed("eval"):`, same log line and scalars (steps_per_sec,
-  uptime).
+* `create_writer(workdir, just_logging, console)`: scalars to the console
+  (the lines clu's LoggingWriter writes, "[step] name=value, ...") unless not
+  `console`, and, unless `just_logging`, to a TensorBoard event file in
+  `workdir`: scalars as `tf.summary.scalar` writes them (a float32 tensor with
+  the "scalars" plugin's metadata), images as PNG image summaries, text
+  (the config) as the "text" plugin's string tensors.
+* `reliability_image`: a reliability diagram drawn as an RGB array.
+* `LogFile`: a logging handler that copies the console log to a file.
 """
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Iterable, Mapping
-import concurrent.futures
-import contextlib
 import itertools
+import logging as std_logging
 import math
 import os
 import socket
@@ -30,6 +28,7 @@ import struct
 import threading
 import time
 from typing import Any
+import weakref
 
 from absl import logging
 
@@ -39,10 +38,13 @@ _FLUSH_SECS = 30.0  # A write this long after the last flush flushes (TF: 120).
 _file_ids = itertools.count()
 
 
-def create_writer(workdir: str, just_logging: bool) -> "MultiWriter":
-  """Console logging, plus TensorBoard event files in `workdir` if not
-  `just_logging` (for processes other than 0 of a multi-process run)."""
-  writers = [LoggingWriter()]
+def create_writer(
+  workdir: str, just_logging: bool, console: bool = True
+) -> "MultiWriter":
+  """Console logging (if `console`), plus TensorBoard event files in
+  `workdir` if not `just_logging` (for processes other than 0 of a
+  multi-process run)."""
+  writers = [LoggingWriter()] if console else []
   if not just_logging:
     writers.append(EventFileWriter(workdir))
   return MultiWriter(writers)
@@ -67,6 +69,9 @@ class LoggingWriter:
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     logging.info("[Hyperparameters] %s", hparams)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    del step, texts  # Long; the event file and config.json keep them.
 
   def flush(self) -> None:
     logging.flush()
@@ -106,21 +111,31 @@ class EventFileWriter:
       self.flush()
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
-    del step, images
-    logging.log_first_n(
-      logging.WARNING,
-      "EventFileWriter writes scalars only; images go to the log alone.",
-      1,
-    )
+    """Each image: uint8 [H, W, C] with C = 1, 3 or 4, stored as a PNG."""
+    wall_time = time.time()
+    for tag, image in images.items():
+      self._write_event(
+        _event(wall_time, step, summary=_image_summary(tag, image))
+      )
+    self.flush()
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """Markdown text, shown in TensorBoard's Text tab."""
+    wall_time = time.time()
+    for tag, text in texts.items():
+      self._write_event(
+        _event(wall_time, step, summary=_text_summary(tag, text))
+      )
+    self.flush()
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    del hparams
-    logging.log_first_n(
-      logging.WARNING,
-      "EventFileWriter writes scalars "
-      "only; hyperparameters go to the log alone.",
-      1,
+    """The hyperparameters as a markdown table under the tag "config";
+    nested mappings are flattened to dotted names."""
+    rows = "".join(
+      f"| `{name}` | `{value!r}` |\n"
+      for name, value in sorted(_flatten(hparams).items())
     )
+    self.write_texts(0, {"config": "| field | value |\n| --- | --- |\n" + rows})
 
   def flush(self) -> None:
     with self._lock:
@@ -162,6 +177,10 @@ class MultiWriter:
     for w in self._writers:
       w.write_hparams(hparams)
 
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for w in self._writers:
+      w.write_texts(step, texts)
+
   def flush(self) -> None:
     for w in self._writers:
       w.flush()
@@ -169,149 +188,6 @@ class MultiWriter:
   def close(self) -> None:
     for w in self._writers:
       w.close()
-
-
-class ReportProgress:
-  """Logs steps/s, the share done and the ETA; clu's ReportProgress.
-
-  Call `report(step)` after every training step; it reports when `step` is a
-  multiple of `every_steps`, when `every_secs` have passed since the last
-  report, and at `num_train_steps`, but never on its first call. Parts of the
-  loop timed with `with report.timed("eval"):` get their share of the
-  elapsed time in the log line.
-  """
-
-  def __init__(
-    self,
-    *,
-    num_train_steps: int | None = None,
-    writer: Any = None,
-    every_steps: int | None = None,
-    every_secs: float | None = 60.0,
-    on_steps: Iterable[int] | None = None,
-  ):
-    self._on_steps = set(on_steps or [])
-    if num_train_steps is not None:
-      self._on_steps.add(num_train_steps)
-    if num_train_steps is not None and num_train_steps < 0:
-      num_train_steps = None
-    self._num_train_steps = num_train_steps
-    self._writer = writer
-    self._every_steps = every_steps
-    self._every_secs = every_secs
-    self._previous_step = self._previous_time = self._last_step = None
-    self._time_per_part = collections.defaultdict(float)
-    self._t0 = time.monotonic()
-    # One worker: the timing barriers of `timed` are waited for in order.
-    self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-
-  def __call__(self, step: int, t: float | None = None) -> bool:
-    """Returns whether it reported at this step."""
-    t = time.monotonic() if t is None else t
-    if self._previous_step is None:
-      self._previous_step, self._previous_time = step, t
-    elif self._every_steps is not None and step - self._last_step != 1:
-      raise ValueError(
-        f"ReportProgress must be called after every step once (every_steps"
-        f"={self._every_steps}, previous_step={self._previous_step}, "
-        f"step={step})."
-      )
-    self._last_step = step
-    if step == self._previous_step or not self._should_report(step, t):
-      return False
-    self._report(step, t)
-    self._previous_step, self._previous_time = step, t
-    return True
-
-  @contextlib.contextmanager
-  def timed(self, name: str, wait_jax_async_dispatch: bool = True):
-    """Adds the time spent in the block to part `name`.
-
-    With `wait_jax_async_dispatch`, the time is that of the JAX computations
-    dispatched inside the block: from when those dispatched before it have
-    finished to when those dispatched inside it have (measured on a helper
-    thread, so the block itself does not wait).
-    """
-    if not wait_jax_async_dispatch:
-      start = time.monotonic()
-      yield
-      self._time_per_part[name] += time.monotonic() - start
-      return
-
-    def start_measurement(barrier) -> float:
-      barrier.block_until_ready()
-      return time.monotonic()
-
-    def stop_measurement(start_future, barrier) -> None:
-      barrier.block_until_ready()
-      self._time_per_part[name] += time.monotonic() - start_future.result()
-
-    start_future = self._executor.submit(start_measurement, _barrier())
-    yield
-    self._executor.submit(stop_measurement, start_future, _barrier())
-
-  def _should_report(self, step: int, t: float) -> bool:
-    return (
-      (self._every_steps is not None and step % self._every_steps == 0)
-      or (
-        self._every_secs is not None
-        and t - self._previous_time > self._every_secs
-      )
-      or step in self._on_steps
-    )
-
-  def _report(self, step: int, t: float) -> None:
-    steps_per_sec = (step - self._previous_step) / (t - self._previous_time)
-    message = f"{steps_per_sec:.1f} steps/s"
-    if self._num_train_steps:
-      eta_seconds = (self._num_train_steps - step) / steps_per_sec
-      message += (
-        f", {100 * step / self._num_train_steps:.1f}% "
-        f"({step}/{self._num_train_steps}), "
-        f"ETA: {_format_secs(eta_seconds)}"
-      )
-    if self._time_per_part:
-      total = time.monotonic() - self._t0
-      message += " ({} : {})".format(
-        _format_secs(total),
-        ", ".join(
-          f"{100 * dt / total:.1f}% {name}"
-          for name, dt in sorted(self._time_per_part.items())
-        ),
-      )
-    logging.info("Setting work unit notes: %s", message)  # clu's wording.
-    if self._writer is not None:
-      self._writer.write_scalars(step, {"steps_per_sec": steps_per_sec})
-      self._writer.write_scalars(step, {"uptime": time.monotonic() - self._t0})
-
-
-def _format_secs(secs: float) -> str:
-  """123456.7 -> "1d10h17m" (clu's format)."""
-  s = ""
-  days = int(secs / (3600 * 24))
-  secs -= days * 3600 * 24
-  if days:
-    s += f"{days}d"
-  hours = int(secs / 3600)
-  secs -= hours * 3600
-  if hours:
-    s += f"{hours}h"
-  return s + f"{int(secs / 60)}m"
-
-
-_square = None
-
-
-def _barrier():
-  """A tiny JAX computation, dispatched after everything dispatched so far."""
-  global _square
-  if _square is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-    _square = (jax.jit(lambda x: x**2), jnp)
-  square, jnp = _square
-  return square(jnp.array(0.0))
 
 
 # ---------------------------------------------------------------------------
@@ -355,6 +231,85 @@ def _scalar_summary(tag: str, value: float) -> bytes:
     + _bytes_field(4, _float32_bytes(value))
   )
   metadata = _bytes_field(1, _bytes_field(1, b"scalars"))
+  value_msg = (
+    _bytes_field(1, tag.encode())
+    + _bytes_field(8, tensor)
+    + _bytes_field(9, metadata)
+  )
+  return _bytes_field(1, value_msg)
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for name, value in mapping.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f"{prefix}{name}."))
+    else:
+      flat[f"{prefix}{name}"] = value
+  return flat
+
+
+def _image_summary(tag: str, image: Any) -> bytes:
+  """A `Summary` of one PNG image, as `tf.compat.v1.summary.image` writes it.
+
+  Summary.value = 1 {tag = 1, image = 4 {height = 1, width = 2, colorspace =
+  3, encoded_image_string = 4}}; TensorBoard's images plugin reads it.
+  """
+  import io  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  array = np.asarray(image)
+  if (
+    array.dtype != np.uint8
+    or array.ndim != 3
+    or array.shape[-1]
+    not in (
+      1,
+      3,
+      4,
+    )
+  ):
+    raise ValueError(
+      f"{tag}: images must be uint8 [H, W, C] with C in (1, 3, 4), got "
+      f"{array.dtype} {array.shape}."
+    )
+  height, width, channels = array.shape
+  png = io.BytesIO()
+  Image.fromarray(array[..., 0] if channels == 1 else array).save(
+    png, format="PNG"
+  )
+  image_msg = (
+    _key(1, 0)
+    + _varint(height)
+    + _key(2, 0)
+    + _varint(width)
+    + _key(3, 0)
+    + _varint(channels)
+    + _bytes_field(4, png.getvalue())
+  )
+  return _bytes_field(
+    1, _bytes_field(1, tag.encode()) + _bytes_field(4, image_msg)
+  )
+
+
+_DT_STRING = 7
+
+
+def _text_summary(tag: str, text: str) -> bytes:
+  """A `Summary` of one string, as `tf.summary.text` writes it.
+
+  TensorProto {dtype = 1 (DT_STRING), tensor_shape = 2 (a scalar),
+  string_val = 8}; SummaryMetadata {plugin_data = 1 {plugin_name = "text"}}.
+  """
+  tensor = (
+    _key(1, 0)
+    + _varint(_DT_STRING)
+    + _bytes_field(2, b"")
+    + _bytes_field(8, text.encode())
+  )
+  metadata = _bytes_field(1, _bytes_field(1, b"text"))
   value_msg = (
     _bytes_field(1, tag.encode())
     + _bytes_field(8, tensor)
@@ -418,3 +373,114 @@ def _crc32c(data: bytes) -> int:
 def _masked_crc32c(data: bytes) -> int:
   crc = _crc32c(data)
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------
+# Figures and the log file.
+
+
+def reliability_image(reliability: Mapping[str, Any], title: str) -> Any:
+  """A reliability diagram (metrics.reliability_diagram) as uint8 [H, W, 3].
+
+  Bars: each confidence bin's accuracy; red lines: its mean confidence; the
+  diagonal is perfect calibration. Empty bins are left out.
+  """
+  # pylint: disable=g-import-not-at-top
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  import numpy as np
+
+  # pylint: enable=g-import-not-at-top
+  counts = np.asarray(reliability["counts"])
+  accuracy = np.asarray(reliability["accuracy"])
+  confidence = np.asarray(reliability["confidence"])
+  edges = np.linspace(0.0, 1.0, len(counts) + 1)
+  present = counts > 0
+  fig = Figure(figsize=(4, 4), dpi=80)
+  canvas = FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  ax.bar(
+    ((edges[:-1] + edges[1:]) / 2)[present],
+    accuracy[present],
+    width=1.0 / len(counts),
+    color="tab:blue",
+    edgecolor="black",
+    linewidth=0.6,
+    label="accuracy",
+  )
+  ax.hlines(
+    confidence[present],
+    edges[:-1][present],
+    edges[1:][present],
+    colors="tab:red",
+    linewidth=2.0,
+    label="mean confidence",
+  )
+  ax.plot([0, 1], [0, 1], "--", color="gray")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.set_xlabel("confidence")
+  ax.set_ylabel("accuracy")
+  ax.set_title(title, fontsize=9)
+  ax.legend(loc="upper left", fontsize=7)
+  fig.tight_layout()
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+class LogFile(std_logging.Handler):
+  """Appends every log record to `path`, from when `open_log_files()` is
+  called on.
+
+  A run's inputs are checked before anything is written to its workdir; until
+  then the records wait in memory, so the file still starts with the run's
+  first line, and a refused run leaves the workdir as it was.
+  """
+
+  def __init__(self, path: str, formatter: std_logging.Formatter):
+    super().__init__(std_logging.INFO)
+    self.path = path
+    self.setFormatter(formatter)
+    self._file = None
+    self._waiting: list[str] = []
+    _log_files.add(self)
+
+  def open(self) -> None:
+    """Creates or appends to the file; writes the records held so far."""
+    with self.lock:
+      if self._file is None:
+        self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+        self._file.writelines(self._waiting)
+        self._file.flush()
+        self._waiting = []
+
+  def emit(self, record: std_logging.LogRecord) -> None:
+    try:
+      line = self.format(record) + "\n"
+      if self._file is None:
+        self._waiting.append(line)
+      else:
+        self._file.write(line)
+        self._file.flush()
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+  def close(self) -> None:
+    with self.lock:
+      if self._file is not None:
+        self._file.close()
+      _log_files.discard(self)
+    super().close()
+
+
+_log_files: weakref.WeakSet = weakref.WeakSet()
+
+
+def open_log_files() -> None:
+  """Starts every LogFile writing: call once the run's inputs are checked
+  and its workdir exists."""
+  for handler in list(_log_files):
+    handler.open()

@@ -44,9 +44,10 @@ SHORT_DIGITS = (
   "--config.log_every_steps=5",
 )
 
-# A training log line: "[<step>] loss/..." written by clu's logging writer.
-STEP_LINE_PATTERN = r"\] \[\d+\] loss/"
-_LOSS_LINE = re.compile(r"\] \[(\d+)\] loss/")
+# A training log line: "<stage> epoch <e>/<E> | step <step>/<total> | ..."
+# (progress.ConsoleReport).
+STEP_LINE_PATTERN = r"\] \w+ epoch \d+/\d+ \| step \d+/"
+_LOSS_LINE = re.compile(r"\] \w+ epoch \d+/\d+ \| step (\d+)/")
 
 
 def main_command(
@@ -260,10 +261,10 @@ class MainProcess:
 def logged_steps(
   lines: list[str], marker: str | None = None, exclude: str | None = None
 ) -> list[int]:
-  """Steps of the "[step] loss/..." training-log lines, in order.
+  """Steps of the training-log lines (STEP_LINE_PATTERN), in order.
 
   `marker` keeps only lines containing it, `exclude` drops lines containing
-  it (the student of ai_kd logs loss/adv, the `ce` teacher does not).
+  it (e.g. "] student epoch").
   """
   steps = []
   for line in lines:

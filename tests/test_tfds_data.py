@@ -114,6 +114,8 @@ def _tfds_preparable_offline(raw_dir):
 @pytest.fixture(scope="module")
 def prepared_cifar10(tmp_path_factory):
   """{'array_record': data_dir, 'tfrecord': data_dir}, plus the true data."""
+  # Preparing runs TensorFlow, the [tfds-prepare] extra (CI installs it).
+  pytest.importorskip("tensorflow")
   root = tmp_path_factory.mktemp("cifar10")
   raw_dir = str(root / "raw")
   truth = _fake_cifar10_batches(raw_dir, num_train=40, num_test=10)
@@ -224,3 +226,18 @@ def test_download_hosts_match_tfds(name):
   builder_cls = tfds.builder_cls(name)
   url = builder_cls._cifar_info.fget(builder_cls).url
   assert url == tfds_data.DOWNLOAD_URLS[name]
+
+
+def test_download_without_tensorflow_names_the_extra(tmp_path, monkeypatch):
+  monkeypatch.setattr(reachability, "unreachable_reason", lambda url: None)
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util,
+    "find_spec",
+    lambda name, *a: None if name == "tensorflow" else real_find_spec(name, *a),
+  )
+  with pytest.raises(data.DatasetUnavailableError) as info:
+    data.check_dataset_available("cifar100", str(tmp_path), download=True)
+  assert 'pip install -e ".[tfds-prepare]"' in str(info.value)
+  _assert_helpful(str(info.value))
+  assert os.listdir(tmp_path) == []

@@ -1,5 +1,6 @@
 """Tests for aikd_jax.writers: console lines, TensorBoard events, progress."""
 
+import io
 import json
 import logging as std_logging
 import os
@@ -54,6 +55,10 @@ def _read_scalars(path):
   scalars = {}
   for event in events[1:]:
     for value in event.summary.value:
+      if value.HasField("image") or (
+        value.metadata.plugin_data.plugin_name == "text"
+      ):
+        continue
       assert value.metadata.plugin_data.plugin_name == "scalars"
       array = tensor_util.make_ndarray(value.tensor)
       assert array.shape == () and array.dtype == np.float32
@@ -123,78 +128,88 @@ def test_just_logging_writes_the_log_lines_only(tmp_path, caplog):
   assert "[5] count=3, loss/ce=1.25, lr=0.1" in caplog.messages
 
 
-def test_report_progress_logs_rate_eta_and_parts(caplog):
-  caplog.set_level(std_logging.INFO)
-
-  class Recorder:
-    def __init__(self):
-      self.written = []
-
-    def write_scalars(self, step, scalars):
-      self.written.append((step, dict(scalars)))
-
-  recorder = Recorder()
-  report = writers.ReportProgress(
-    num_train_steps=1000, writer=recorder, every_steps=100, every_secs=None
+def test_images_and_config_text_reach_tensorboard(tmp_path):
+  event_accumulator = pytest.importorskip(
+    "tensorboard.backend.event_processing.event_accumulator"
   )
-  assert not report(0, t=0.0)  # The first call never reports.
-  for step in range(1, 100):
-    assert not report(step, t=step / 50)
-  with report.timed("eval", wait_jax_async_dispatch=False):
-    pass
-  assert report(100, t=2.0)
-  (step, rate), (step2, uptime) = recorder.written
-  assert step == step2 == 100
-  assert rate == {"steps_per_sec": pytest.approx(50.0)}
-  assert uptime["uptime"] >= 0.0
-  notes = [m for m in caplog.messages if m.startswith("Setting work unit")]
-  assert notes[-1].startswith(
-    "Setting work unit notes: 50.0 steps/s, 10.0% (100/1000), ETA: 0m ("
+  from PIL import Image
+
+  reliability = {
+    "counts": [0, 0, 0, 0, 0, 1, 2, 3, 4, 10],
+    "accuracy": [0, 0, 0, 0, 0, 1.0, 0.5, 0.67, 0.75, 0.9],
+    "confidence": [0, 0, 0, 0, 0, 0.55, 0.65, 0.75, 0.85, 0.97],
+  }
+  image = writers.reliability_image(reliability, "student, epoch 1")
+  assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+  writer = writers.create_writer(str(tmp_path), just_logging=False)
+  writer.write_images(7, {"test/reliability": image})
+  writer.write_hparams({"lr": 0.1, "model": {"name": "tiny_cnn"}})
+  writer.close()
+  acc = event_accumulator.EventAccumulator(
+    str(tmp_path),
+    size_guidance={event_accumulator.IMAGES: 0, event_accumulator.TENSORS: 0},
   )
-  assert notes[-1].endswith("% eval)")
-  with pytest.raises(ValueError):
-    report(102, t=3.0)  # Skipped a step.
-
-
-def test_report_progress_reports_the_last_step_and_slow_intervals():
-  report = writers.ReportProgress(
-    num_train_steps=7, every_steps=5, every_secs=60.0
+  acc.Reload()
+  (event,) = acc.Images("test/reliability")
+  assert (event.step, event.height, event.width) == (7, *image.shape[:2])
+  decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+  np.testing.assert_array_equal(decoded, image)  # PNG is lossless.
+  (text,) = acc.Tensors("config")
+  assert text.tensor_proto.string_val[0].decode() == (
+    "| field | value |\n| --- | --- |\n| `lr` | `0.1` |\n"
+    "| `model.name` | `'tiny_cnn'` |\n"
   )
-  triggered = [step for step in range(8) if report(step, t=step * 1.0)]
-  assert triggered == [5, 7]
-  report = writers.ReportProgress(
-    num_train_steps=None, every_steps=None, every_secs=10.0
-  )
-  triggered = [step for step in range(40) if report(step, t=step * 4.0)]
-  assert triggered == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39]
-  # pylint: disable=protected-access
-  assert writers._format_secs(123456.7) == "1d10h17m"
-  assert writers._format_secs(59) == "0m"
-  # pylint: enable=protected-access
 
 
-def test_timed_waits_for_jax_work():
-  report = writers.ReportProgress(num_train_steps=10, every_steps=5)
-  with report.timed("eval"):
-    pass
-  # pylint: disable=protected-access
-  report._executor.shutdown(wait=True)
-  assert report._time_per_part["eval"] >= 0.0
-  # pylint: enable=protected-access
+def test_log_file_holds_records_until_opened_then_appends(tmp_path):
+  logger = std_logging.getLogger("test_log_file")
+  logger.setLevel(std_logging.INFO)
+  logger.propagate = False
+  path = tmp_path / "log.txt"
+  handler = writers.LogFile(str(path), std_logging.Formatter("%(message)s"))
+  logger.addHandler(handler)
+  try:
+    logger.info("before the inputs are checked")
+    assert not path.exists()
+    writers.open_log_files()
+    logger.info("after")
+    logger.debug("below INFO: left out")
+    assert path.read_text() == "before the inputs are checked\nafter\n"
+  finally:
+    logger.removeHandler(handler)
+    handler.close()
+  # A resumed run's handler appends.
+  handler = writers.LogFile(str(path), std_logging.Formatter("%(message)s"))
+  logger.addHandler(handler)
+  logger.info("resumed")
+  writers.open_log_files()
+  logger.removeHandler(handler)
+  handler.close()
+  assert path.read_text().splitlines() == [
+    "before the inputs are checked",
+    "after",
+    "resumed",
+  ]
+  # A handler never opened (a refused run) writes nothing.
+  other = tmp_path / "refused" / "log.txt"
+  handler = writers.LogFile(str(other), std_logging.Formatter("%(message)s"))
+  logger.addHandler(handler)
+  logger.info("refused")
+  logger.removeHandler(handler)
+  handler.close()
+  assert not other.parent.exists()
 
 
 def test_neither_tensorflow_nor_clu_is_imported(tmp_path):
-  """In a clean interpreter: create, write, report, time, flush, close."""
+  """In a clean interpreter: create, write, flush, close."""
   code = f"""
 import json, sys
+import numpy as np
 from aikd_jax import writers
 w = writers.create_writer({str(tmp_path)!r}, just_logging=False)
-r = writers.ReportProgress(num_train_steps=4, writer=w, every_steps=2)
 for step in range(5):
-  r(step)
   w.write_scalars(step, {{'loss/ce': 1.0 / (step + 1)}})
-with r.timed('eval'):
-  pass
+w.write_images(4, {{'img': np.zeros((4, 4, 3), np.uint8)}})
 w.write_hparams({{'lr': 0.1}})
 w.flush()
 w.close()
@@ -207,4 +222,29 @@ print(json.dumps(sorted(m for m in sys.modules
   (path,) = _event_files(str(tmp_path))
   scalars = _read_scalars(path)[1]
   assert [s for s, _ in scalars["loss/ce"]] == [0, 1, 2, 3, 4]
-  assert [s for s, _ in scalars["steps_per_sec"]] == [2, 4]
+  assert sorted(scalars) == ["loss/ce"]
+
+
+@pytest.mark.slow
+def test_a_digits_run_imports_neither_tensorflow_nor_clu(tmp_path):
+  """main.py's whole path, teacher and student stages, in a clean interpreter
+  where TensorFlow may well be installed: it is never imported."""
+  workdir = str(tmp_path / "run")
+  code = f"""
+import json, runpy, sys
+sys.argv = ["main.py", "--config=configs/digits.py", "--workdir={workdir}",
+            "--config.num_epochs=1", "--config.teacher_num_epochs=1"]
+try:
+  runpy.run_path("main.py", run_name="__main__")
+except SystemExit as stop:
+  assert stop.code == 0, stop.code
+print(json.dumps(sorted(m for m in sys.modules
+                        if m.split('.')[0] in ('tensorflow', 'clu'))))
+"""
+  proc = u.run_python("-c", code, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+  with open(os.path.join(workdir, "student", "results.json")) as f:
+    results = json.load(f)
+  assert results["complete"] and results["num_epochs"] == 1
+  assert os.path.getsize(os.path.join(workdir, "log.txt")) > 0

@@ -9,6 +9,7 @@ from absl import logging
 import ml_collections
 
 from aikd_jax import checkpointing
+from aikd_jax import compilation_cache
 from aikd_jax import data as data_lib
 from aikd_jax import run_config
 from aikd_jax import train
@@ -72,6 +73,7 @@ def input_error_status(error: Exception) -> int:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
   """Runs train_and_evaluate; returns the process exit status."""
+  compilation_cache.enable(config.get("compilation_cache_dir", ""))
   try:
     results = train.train_and_evaluate(config, workdir)
   except train.Preempted as stop:

@@ -40,6 +40,7 @@ from ml_collections import config_flags
 
 from aikd_jax import checkpointing
 from aikd_jax import cli
+from aikd_jax import compilation_cache
 from aikd_jax import data as data_lib
 from aikd_jax import objective as objective_lib
 from aikd_jax import report as report_lib
@@ -439,6 +440,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.log_to_file(flags.FLAGS.workdir)
+  compilation_cache.enable(flags.FLAGS.config.get("compilation_cache_dir", ""))
   sys.exit(
     run(
       flags.FLAGS.config,

@@ -28,6 +28,7 @@ CONFIG_FILE = "config.json"
 RESULT_NEUTRAL_FIELDS = frozenset(
   {
     "log_every_steps",
+    "compilation_cache_dir",
     "eval_batch_size",
     "checkpoint_every_epochs",
     "keep_checkpoints",

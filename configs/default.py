@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   # Bookkeeping: none of these change the result.
+  # JAX's persistent compilation cache: "default" (~/.cache/aikd_jax/jax),
+  # a folder, or "" for off.
+  config.compilation_cache_dir = "default"
   config.eval_batch_size = 1000  # global
   config.log_every_steps = 100
   config.checkpoint_every_epochs = 1

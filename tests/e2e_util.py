@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +71,9 @@ def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
   env["PYTHONUNBUFFERED"] = "1"
   env.pop("XLA_FLAGS", None)
   env.pop("JAX_NUM_CPU_DEVICES", None)
+  # The session's persistent compilation cache (conftest.py), not the user's.
+  if jax.config.jax_compilation_cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
   if num_devices is not None:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   return env

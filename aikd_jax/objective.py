@@ -120,10 +120,10 @@ class Objective:
 
 # docs/method.md's table, plus AI-KD's ablations. `ai_kd`'s lambda_adv = 0.1,
 # tau = 4 and the stabiliser of the pre-trained model's terms (a 5-epoch ramp,
-# the student's gradient clipped to norm 5) are this project's choices
+# the student's gradient clipped to norm 1) are this project's choices
 # (README, "Defaults and their origin"); alpha_T = 0.8 is PS-KD's.
 TEACHER_RAMP_EPOCHS = 5.0
-GRAD_CLIP_NORM = 5.0
+GRAD_CLIP_NORM = 1.0
 _TEACHER_STABILISER = dict(
   teacher_ramp_epochs=TEACHER_RAMP_EPOCHS, grad_clip_norm=GRAD_CLIP_NORM
 )

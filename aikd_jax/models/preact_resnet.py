@@ -49,8 +49,14 @@ class PreActResNet18(nn.Module):
   bn_axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """x [B, H, W, C] normalised images (C = 1 or 3) -> float32 [B, classes]."""
+  def __call__(
+    self, x: jax.Array, train: bool, example_ids: jax.Array | None = None
+  ) -> jax.Array:
+    """x [B, H, W, C] normalised images (C = 1 or 3) -> float32 [B, classes].
+
+    `example_ids` is unused (only ShakeDrop networks draw per example).
+    """
+    del example_ids
     x = x.astype(self.dtype)
     x = conv(64, 3, 1, self.dtype, "stem_conv")(x)
     x = nn.relu(batch_norm(train, self.dtype, self.bn_axis_name, "stem_bn")(x))

@@ -22,8 +22,11 @@ class TinyCNN(nn.Module):
   bn_axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, train: bool, example_ids: jax.Array | None = None
+  ) -> jax.Array:
     """Args: x [B, H, W, C] normalised images. Returns float32 [B, classes]."""
+    del example_ids  # no per-example randomness
     x = x.astype(self.dtype)
     x = conv(16, 3, 1, self.dtype, "conv1")(x)
     x = nn.relu(batch_norm(train, self.dtype, self.bn_axis_name, "bn1")(x))

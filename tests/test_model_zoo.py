@@ -5,6 +5,8 @@ Full-size networks are only traced (`jax.eval_shape`): parameter counts and
 output shapes. Training runs on tiny widths and depths of the same code.
 """
 
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -15,10 +17,12 @@ import pytest
 from aikd_jax import banks
 from aikd_jax import models
 from aikd_jax import optim
+from aikd_jax import run_config
 from aikd_jax import train_step as ts
 from aikd_jax.models import layers
 from aikd_jax.models import pyramidnet
 from aikd_jax.objective import resolve_objective
+from configs import cifar100
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
 
@@ -193,6 +197,25 @@ def test_resnet152_structure():
   )
   assert "downsample_conv" not in params["layer1_block2"]
   chex.assert_shape(params["fc"]["kernel"], (2048, 1000))
+
+
+@pytest.mark.parametrize(
+  "name",
+  ["densenet121", "resnext29", "pyramidnet200", "pyramidnet200_shakedrop"],
+)
+def test_cifar100_config_per_model(name):
+  config = importlib.import_module(f"configs.cifar100_{name}").get_config()
+  assert config.model == name
+  run_config.validate(config)
+  # PS-KD uses one recipe for all its CIFAR networks: only the model differs.
+  base = cifar100.get_config().to_dict()
+  changed = {k for k, v in config.to_dict().items() if base[k] != v}
+  assert changed == {"model"}
+  assert (config.batch_size, config.learning_rate, config.num_epochs) == (
+    128,
+    0.1,
+    300,
+  )
 
 
 # --- initialisers -------------------------------------------------------------

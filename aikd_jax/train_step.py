@@ -26,6 +26,7 @@ from aikd_jax import augment as augment_lib
 from aikd_jax import losses
 from aikd_jax import objective as objective_lib
 from aikd_jax.banks import DATA_AXIS
+from aikd_jax.models import SHAKEDROP_RNG
 from aikd_jax.objective import Objective
 
 
@@ -136,6 +137,15 @@ def augmentation_key(seed: int, step: jax.Array) -> jax.Array:
 # CS-KD's partner views use their own stream, so an example paired with
 # itself is still seen through two different augmentations.
 _PARTNER_STREAM = 1
+# The model's own randomness (ShakeDrop), another stream of the same key;
+# like the augmentation it is keyed on (seed, step, example id), so resuming
+# at a step replays it exactly.
+_MODEL_STREAM = 2
+
+
+def model_rngs(key: jax.Array) -> dict[str, jax.Array]:
+  """The rngs of a train-mode forward pass whose augmentation used `key`."""
+  return {SHAKEDROP_RNG: jax.random.fold_in(key, _MODEL_STREAM)}
 
 
 def _local_train_step(
@@ -172,11 +182,9 @@ def _local_train_step(
   labels = data.labels[rows]
   if objective.uses_partners:
     partners = data.partner_rows[rows]
-    partner_images = augment(
-      partners,
-      partners + (ids - rows),
-      jax.random.fold_in(key, _PARTNER_STREAM),
-    )
+    partner_ids = partners + (ids - rows)
+    partner_key = jax.random.fold_in(key, _PARTNER_STREAM)
+    partner_images = augment(partners, partner_ids, partner_key)
 
   teacher_logits = None
   if objective.uses_teacher:
@@ -200,6 +208,8 @@ def _local_train_step(
       {"params": params, "batch_stats": student.batch_stats},
       images,
       train=True,
+      example_ids=ids,
+      rngs=model_rngs(key),
       mutable=["batch_stats"],
     )
     partner_logits = None
@@ -213,6 +223,8 @@ def _local_train_step(
         },
         partner_images,
         train=True,
+        example_ids=partner_ids,
+        rngs=model_rngs(partner_key),
         mutable=["batch_stats"],
       )
     # One implementation of the objective, the public one: each loss reaches

@@ -3,13 +3,20 @@
   python benchmarks/step_throughput.py --batch_sizes=128,512 --dtype=bfloat16
   python benchmarks/step_throughput.py --model=tiny_cnn --batch_sizes=64 \
       --num_examples=2048 --repeats=3      # quick CPU smoke run
+  python benchmarks/step_throughput.py --model=resnet152 --image_size=224 \
+      --num_examples=4096 --batch_sizes=64 --methods=ce,ai_kd
 
-For each (batch size, method) it builds the step with
-`aikd_jax.train_step.make_train_step` on a synthetic CIFAR-shaped dataset
-(uint8 [N, 32, 32, 3], 100 classes) sharded over a `data` mesh of all local
-devices, then times runs of --steps_per_run consecutive steps. The step
-donates its state and runs asynchronously, so the clock stops only when the
-last step of a run has finished (block_until_ready); the figure is the median
+--model takes every name of `aikd_jax.models.MODEL_NAMES` (PS-KD's
+PreAct ResNet-18, DenseNet-121, ResNeXt-29, PyramidNet-200 with and without
+ShakeDrop, the ImageNet ResNet-152, the tiny test CNN). For each (batch
+size, method) it builds the step with `aikd_jax.train_step.make_train_step`
+on a synthetic dataset of CIFAR's shape by default (uint8 [N, 32, 32, 3],
+100 classes; --image_size changes H = W, e.g. 224 for ResNet-152, whose
+ImageNet-sized dataset would not fit on a device: lower --num_examples)
+sharded over a `data` mesh of all local devices, then times runs of
+--steps_per_run consecutive steps. The step donates its state and runs
+asynchronously, so the clock stops only when the last step of a run has
+finished (block_until_ready); the figure is the median
 over --repeats runs, after one untimed first call (trace + compile) and
 --warmup untimed runs. All methods of a batch size are built first and their
 timed runs interleaved, so that drifting machine load hits them alike.
@@ -29,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from aikd_jax import banks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from aikd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # ce and ai_kd first, so that the ratio is known early if a run is cut short.
 DEFAULT_METHODS = "ce,ai_kd,ps_kd,ai_kd_online"
@@ -60,9 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--bank_dtype", default="float32", choices=("float32", "bfloat16")
   )
   parser.add_argument(
-    "--model",
-    default="preact_resnet18",
-    choices=("preact_resnet18", "tiny_cnn"),
+    "--model", default="preact_resnet18", choices=models.MODEL_NAMES
+  )
+  parser.add_argument(
+    "--image_size",
+    type=int,
+    default=32,
+    help="height and width of the synthetic images",
   )
   parser.add_argument(
     "--num_examples",
@@ -105,6 +117,7 @@ def main(argv=None) -> int:
   report = common.print_header(
     "step_throughput",
     model=args.model,
+    image_size=args.image_size,
     dtype=args.dtype,
     bank_dtype=args.bank_dtype,
     batch_sizes=args.batch_sizes,
@@ -132,6 +145,7 @@ def main(argv=None) -> int:
         compute_dtype=args.dtype,
         bank_dtype=args.bank_dtype,
         num_examples=args.num_examples,
+        image_shape=(args.image_size, args.image_size, 3),
       )
       for method in methods
     ]

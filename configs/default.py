@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.std = (0.2023, 0.1994, 0.2010)
 
   # Model and numerics.
-  config.model = "preact_resnet18"  # preact_resnet18 | tiny_cnn
+  config.model = "preact_resnet18"  # any of aikd_jax.models.MODEL_NAMES
   config.compute_dtype = "float32"  # float32 | bfloat16 (params stay f32)
   config.bank_dtype = "float32"  # float32 | bfloat16
   config.sync_batch_norm = True  # False: per-device statistics (PS-KD)

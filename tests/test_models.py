@@ -303,14 +303,22 @@ def test_torch_style_initialisers():
 
 
 def test_create_model():
-  assert models.MODEL_NAMES == ("preact_resnet18", "tiny_cnn")
+  assert models.MODEL_NAMES == (
+    "preact_resnet18",
+    "densenet121",
+    "resnext29",
+    "pyramidnet200",
+    "pyramidnet200_shakedrop",
+    "resnet152",
+    "tiny_cnn",
+  )
   model = models.create_model(
     "preact_resnet18", 10, dtype="bfloat16", bn_axis_name="data"
   )
   assert isinstance(model, models.PreActResNet18)
   assert model.dtype == jnp.bfloat16 and model.bn_axis_name == "data"
   assert isinstance(models.create_model("tiny_cnn", 10), models.TinyCNN)
-  with pytest.raises(ValueError, match="preact_resnet18, tiny_cnn"):
+  with pytest.raises(ValueError, match="preact_resnet18, densenet121, "):
     models.create_model("resnet50", 10)
 
 

@@ -86,7 +86,7 @@ fi
 "$PY" - <<'EOF' 2>>"$ERR" | tee -a "$LOG"
 import importlib.util
 names = ["jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "chex", "torch",
-         "pytest", "absl", "ml_collections", "clu", "tensorflow"]
+         "pytest", "absl", "ml_collections"]
 have = {n: importlib.util.find_spec(n.split(".")[0]) is not None and
         importlib.util.find_spec(n) is not None for n in names}
 print("modules: " + ", ".join(f"{n}={'yes' if ok else 'MISSING'}"
@@ -173,7 +173,7 @@ run compare_frameworks 150 "$PY" benchmarks/compare_frameworks.py \
 
 say ""
 say "== summary ($(($(date +%s) - START))s in all, model $MODEL)"
-SUMMARY=$(grep -E "ratio:|images/s \(|full-bank copies|passed|failed|rror|TIMED OUT|FAILED|SKIPPED|skipp|missing|^\| (CE|PS-KD|AI-KD) " "$LOG" | grep -v "^== summary")
+SUMMARY=$(grep -E "ratio:|projected|images/s \(|full-bank copies|passed|failed|rror|TIMED OUT|FAILED|SKIPPED|skipp|missing|^\| (CE|PS-KD|AI-KD) " "$LOG" | grep -v "^== summary")
 say "$SUMMARY"
 say ""
 say "results: $LOG (all printed figures), $ERR (stderr), JSON: $(ls "$RESULTS"/*.json 2>/dev/null | tr '\n' ' ')"

@@ -41,6 +41,24 @@ _FINALIZED_MARKER = "_CHECKPOINT_METADATA"
 CHECKSUM_FILE = "checksums.sha256"
 
 
+class _OrbaxErrorsInOneLine(logging.logging.Filter):
+  """Keeps orbax's error lines but not their tracebacks.
+
+  A failed asynchronous save makes each of orbax's background threads log
+  its traceback; the error that matters (which step, which folder, the
+  cause, what is intact) is raised as one CheckpointWriteError.
+  """
+
+  def filter(self, record):
+    if "/orbax/" in record.pathname and record.levelno >= logging.ERROR:
+      record.msg = (record.getMessage().splitlines() or [""])[0]
+      record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+
+logging.get_absl_logger().addFilter(_OrbaxErrorsInOneLine())
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be read; the message says how to fall back."""
 
@@ -195,6 +213,7 @@ class StageCheckpoints:
     )
     self._pending: int | None = None  # Saved, not yet checksummed.
     self._finished = self._manager.latest_step()  # The newest whole save.
+    self._failed = False  # A save failed and was reported.
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -228,6 +247,7 @@ class StageCheckpoints:
     try:
       yield
     except Exception as error:  # orbax and tensorstore raise many kinds.
+      self._failed = True
       detail = (str(error).splitlines() or [type(error).__name__])[0][:300]
       kept = (
         f"the checkpoint of step {self._finished} is intact; once it is "
@@ -273,7 +293,9 @@ class StageCheckpoints:
     """Finishes the pending save and writes its checksums (process 0)."""
     step, self._pending = self._pending, None
     if step is None:
-      self._manager.wait_until_finished()
+      # After a reported failure orbax raises it again; once is enough.
+      with contextlib.suppress(*([Exception] if self._failed else [])):
+        self._manager.wait_until_finished()
       return
     with self._write_errors(step):
       self._manager.wait_until_finished()
@@ -283,7 +305,8 @@ class StageCheckpoints:
     self._finished = step
 
   def close(self) -> None:
-    self._manager.close()
+    with contextlib.suppress(*([Exception] if self._failed else [])):
+      self._manager.close()
 
 
 def restore_model(directory: str, step: int, target: Any) -> Any:

@@ -427,14 +427,16 @@ def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_first(
   with status 2, names it, and touches nothing; the first goes on."""
   workdir = str(tmp_path / "run")
   shutil.copytree(interrupted, workdir)
-  first = u.MainProcess(workdir, *BASE)
+  # Long enough to outlast the second run's start-up on a busy machine.
+  longer = (*BASE, "--config.num_epochs=60")
+  first = u.MainProcess(workdir, *longer)
   try:
     assert first.wait_until(
       lambda: any("student: resumed from step" in x for x in first.snapshot()),
       timeout=300,
     ), first.snapshot()[-20:]
     before = _digests(os.path.join(workdir, "config.json"))
-    second = u.run_main(workdir, *BASE)
+    second = u.run_main(workdir, *longer)
     assert second.returncode == 2, second.tail()
     (error,) = second.lines(r"^error: ")
     assert f"The workdir {workdir!r} is in use by another run" in error
@@ -447,7 +449,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_first(
   first.finish()
   # kill -9 left the lock file; the OS released the lock itself.
   assert os.path.exists(os.path.join(workdir, ".lock"))
-  proc = u.MainProcess(workdir, *BASE)
+  proc = u.MainProcess(workdir, *longer)
   try:
     assert proc.wait_until(
       lambda: any("student: resumed from step" in x for x in proc.snapshot()),

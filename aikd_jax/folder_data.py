@@ -58,6 +58,18 @@ def check_layout(root: str) -> None:
       raise data.DatasetUnavailableError(
         f"{split_dir} holds no class folder with images; {layout}."
       )
+  # Every class folder of every split names a class (see _list_examples);
+  # an empty one would be a class with no examples, and would shift the
+  # labels of the classes sorted after it.
+  for split in _class_dirs(root):
+    split_dir = os.path.join(root, split)
+    for name in _class_dirs(split_dir):
+      if not _image_files(os.path.join(split_dir, name)):
+        raise data.DatasetUnavailableError(
+          f"Class folder {os.path.join(split_dir, name)} holds no image "
+          f"(files ending in {', '.join(_IMAGE_EXTENSIONS)}); add its "
+          "images or remove it."
+        )
 
 
 def load(

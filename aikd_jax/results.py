@@ -6,19 +6,38 @@ the comparison and the report all decide "finished" with `finished_results`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from typing import Any
 
 RESULTS_FILE = "results.json"
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes `path` so a reader never sees it half-written (a crash too)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Writes `path` so a reader never sees it half-written (a crash too).
+
+  The text goes to a uniquely named file beside `path`, flushed to disk,
+  then renamed over it; on any failure (a full disk) the temporary file is
+  removed and `path` is as it was.
+  """
+  fd, tmp = tempfile.mkstemp(
+    prefix=f".{os.path.basename(path)}.",
+    suffix=".tmp",
+    dir=os.path.dirname(path) or ".",
+  )
+  try:
+    with os.fdopen(fd, "w", newline="") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
 
 
 def write_json(path: str, payload: Any, **dump_args: Any) -> None:

@@ -1,13 +1,17 @@
 """Checks a config before any compute, and the workdir's memory of it.
 
-A workdir keeps the config it was started with (config.json). A rerun may
-change only fields that cannot change the result; anything else is refused
+A workdir keeps the config it was started with (config.json, written once
+and never rewritten) and, in config_changes.json, each later change a rerun
+was allowed to make (with its time). A rerun may change only fields that
+cannot change the result (or extend num_epochs); anything else is refused
 with the list of differing fields, so a resumed run is always the run that
-was asked for.
+was asked for. A refused rerun records nothing.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
 import json
 import os
 import tempfile
@@ -24,6 +28,7 @@ from aikd_jax.objective import Objective
 from aikd_jax.objective import resolve_objective
 
 CONFIG_FILE = "config.json"
+CHANGES_FILE = "config_changes.json"
 # Fields that never change what is trained or how it is evaluated.
 RESULT_NEUTRAL_FIELDS = frozenset(
   {
@@ -135,6 +140,8 @@ def check_workdir(workdir: str) -> None:
   Tries it for real (a temporary folder, removed at once) rather than trusting
   permission bits, which say yes to root even where nothing can be created.
   """
+  if not workdir:
+    raise ConfigError("--workdir is empty; name a directory for the run.")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir!r} is a file, not a directory.")
   probe = os.path.abspath(workdir)
@@ -172,8 +179,69 @@ def _same_objective(saved: dict[str, Any], current: dict[str, Any]) -> bool:
     return False
 
 
-def saved_config(workdir: str) -> dict[str, Any] | None:
+# Fields added after workdirs already existed: the value that reproduces
+# what a run started before the field existed did, and the field's default
+# now. See `adopt_legacy_values`.
+LEGACY_VALUES = {
+  # Before the ramp, the pre-trained model's terms had full weight at once.
+  "teacher_ramp_epochs": (0.0, None),
+  "warmup_epochs": (0.0, 0.0),  # No warmup.
+  "grad_clip_norm": (0.0, None),  # No clipping.
+}
+
+
+def _started_config(workdir: str) -> dict[str, Any] | None:
   return results_lib.read_json(os.path.join(workdir, CONFIG_FILE))
+
+
+def _changes(workdir: str) -> list[dict[str, Any]]:
+  return results_lib.read_json(os.path.join(workdir, CHANGES_FILE)) or []
+
+
+def saved_config(workdir: str) -> dict[str, Any] | None:
+  """The workdir's config as last accepted: config.json, the recorded
+  changes applied in order, fields it predates at their legacy values."""
+  saved = _started_config(workdir)
+  if saved is None:
+    return None
+  for change in _changes(workdir):
+    for field, (_, new) in change["fields"].items():
+      saved[field] = new
+  for field, (legacy, _) in LEGACY_VALUES.items():
+    saved.setdefault(field, legacy)
+  return saved
+
+
+def adopt_legacy_values(
+  config: ml_collections.ConfigDict, workdir: str
+) -> list[str]:
+  """Resumes a workdir that predates a field the way it was started.
+
+  A field added since the workdir's config.json was written (LEGACY_VALUES)
+  had no say in the run so far; its default now may change the training
+  (teacher_ramp_epochs' default ramps the pre-trained model's terms in,
+  which a run started before it never did). Refusing would make every such
+  workdir unresumable without a flag the user cannot guess, while the old
+  behaviour is known exactly, so a field still at its default takes its
+  legacy value instead; a field set explicitly to something else is left
+  alone and refused by `compare_with_saved` like any other change.
+
+  Returns:
+    One line per adopted field, for the log.
+  """
+  started = _started_config(workdir)
+  if started is None:
+    return []
+  lines = []
+  for field, (legacy, default) in LEGACY_VALUES.items():
+    if field in started or config[field] != default or default == legacy:
+      continue
+    config[field] = legacy
+    lines.append(
+      f"{CONFIG_FILE} predates {field}: resuming with {field}={legacy!r}, "
+      "as the run was started."
+    )
+  return lines
 
 
 # What a teacher-only workdir's result does not depend on.
@@ -195,6 +263,8 @@ def compare_with_saved(
   saved = saved_config(workdir)
   if saved is None:
     return []
+  config = copy.deepcopy(config)
+  adopt_legacy_values(config, workdir)
   current = _plain(config)
   # Spelling a preset's own value out (e.g. lambda_adv=0.1 for ai_kd)
   # changes nothing.
@@ -224,7 +294,29 @@ def compare_with_saved(
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes config.json atomically (the newest accepted config)."""
-  results_lib.write_json(
-    os.path.join(workdir, CONFIG_FILE), _plain(config), sort_keys=True
-  )
+  """Records an accepted config: config.json if the workdir has none, else
+  the fields that differ from the saved config as one more entry of
+  config_changes.json. Both written atomically; config.json never again."""
+  current = _plain(config)
+  saved = saved_config(workdir)
+  if saved is None:
+    results_lib.write_json(
+      os.path.join(workdir, CONFIG_FILE), current, sort_keys=True
+    )
+    return
+  fields = {
+    field: [saved.get(field), current.get(field)]
+    for field in sorted(set(saved) | set(current))
+    if saved.get(field) != current.get(field)
+  }
+  if not fields:
+    return
+  changes = _changes(workdir) + [
+    {
+      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"
+      ),
+      "fields": fields,
+    }
+  ]
+  results_lib.write_json(os.path.join(workdir, CHANGES_FILE), changes)

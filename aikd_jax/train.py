@@ -30,6 +30,7 @@ from aikd_jax import run_config
 from aikd_jax import stage as stage_lib
 from aikd_jax import teacher_logits
 from aikd_jax import train_step as step_lib
+from aikd_jax import workdir_lock
 from aikd_jax import writers
 from aikd_jax.checkpointing import CHECKPOINT_DIR
 from aikd_jax.device_data import DeviceDataset
@@ -323,20 +324,16 @@ def _restore_final(
   data: DeviceDataset,
   mesh: jax.sharding.Mesh,
   directory: str,
-  keep: int,
-) -> step_lib.TrainState:
-  """The train state of the latest checkpoint in `directory`."""
-  checkpoints = checkpointing.StageCheckpoints(directory, keep)
-  try:
-    step = checkpoints.latest_step()
-    if step is None:
-      raise run_config.ConfigError(f"{directory!r} holds no checkpoint.")
-    state, _ = checkpoints.restore(
-      step, stage_lib.create_train_state(stage, data, mesh)
-    )
-  finally:
-    checkpoints.close()
-  return state
+) -> step_lib.ClassifierState:
+  """The model (variables and step) of the latest checkpoint in `directory`.
+
+  Only the model is read, so a teacher trained with other optimiser
+  settings (another run's --config.teacher_checkpoint) loads all the same.
+  check_inputs has made sure a checkpoint is there.
+  """
+  step = checkpointing.saved_steps(directory)[-1]
+  target = stage_lib.create_train_state(stage, data, mesh).student
+  return checkpointing.restore_model(directory, step, target)
 
 
 def _teacher_stage(
@@ -360,9 +357,7 @@ def _teacher_stage(
   )
   stage_dir = os.path.join(workdir, stage.name)
   if config.teacher_checkpoint:
-    teacher = _restore_final(
-      stage, data, mesh, config.teacher_checkpoint, keep=1
-    ).student
+    teacher = _restore_final(stage, data, mesh, config.teacher_checkpoint)
     logging.info(
       "teacher: loaded %s step %d.",
       config.teacher_checkpoint,
@@ -371,12 +366,8 @@ def _teacher_stage(
   elif results_lib.finished_results(stage_dir, stage.num_epochs):
     logging.info("teacher: finished earlier; loading its final state.")
     teacher = _restore_final(
-      stage,
-      data,
-      mesh,
-      os.path.join(stage_dir, CHECKPOINT_DIR),
-      config.keep_checkpoints,
-    ).student
+      stage, data, mesh, os.path.join(stage_dir, CHECKPOINT_DIR)
+    )
   else:
     later = (later_epochs * stage.steps_per_epoch, later_epochs)
     teacher = train_stage(
@@ -388,17 +379,87 @@ def _teacher_stage(
 def check_inputs(
   config: ml_collections.ConfigDict, workdir: str, teacher_only: bool = False
 ) -> tuple[Objective, list[str]]:
-  """Every check that must pass before anything is computed or written."""
+  """Every check that must pass before anything is computed or written.
+
+  Reads the workdir, writes nothing (the lock aside: see
+  train_and_evaluate). A field the workdir's config predates takes the
+  value it was started with (run_config.adopt_legacy_values), in `config`.
+
+  Returns:
+    The objective, and the log lines of accepted changes.
+  """
+  notes = [
+    f" {line}" for line in run_config.adopt_legacy_values(config, workdir)
+  ]
   objective = run_config.validate(config)
   run_config.check_workdir(workdir)
   data_lib.check_dataset_available(
     config.dataset, config.data_dir or None, download=config.download
   )
   ignore = run_config.STUDENT_ONLY_FIELDS if teacher_only else frozenset()
-  notes = run_config.compare_with_saved(config, workdir, ignore)
+  notes += run_config.compare_with_saved(config, workdir, ignore)
   for stage in STAGES:
     checkpointing.verify_latest(os.path.join(workdir, stage, CHECKPOINT_DIR))
+  if teacher_only or objective.uses_teacher:
+    _check_teacher_weights(config, workdir)
   return objective, notes
+
+
+def _check_teacher_weights(
+  config: ml_collections.ConfigDict, workdir: str
+) -> None:
+  """A teacher the run will load (not train) has a sound checkpoint."""
+  if config.teacher_checkpoint:
+    checkpointing.require_checkpoint(
+      config.teacher_checkpoint,
+      "Point --config.teacher_checkpoint at the checkpoints folder of a "
+      "finished teacher (its WORKDIR/teacher/checkpoints).",
+    )
+    checkpointing.verify_latest(config.teacher_checkpoint)
+    return
+  stage_dir = os.path.join(workdir, "teacher")
+  if results_lib.finished_results(stage_dir, run_config.teacher_epochs(config)):
+    checkpointing.require_checkpoint(
+      os.path.join(stage_dir, CHECKPOINT_DIR),
+      f"Its {results_lib.RESULTS_FILE} says the teacher finished; to train "
+      f"it again, remove the folder {stage_dir} and rerun the same command "
+      "(the same seed trains the same teacher).",
+    )
+
+
+def _check_progress(
+  config: ml_collections.ConfigDict,
+  objective: Objective,
+  data: DeviceDataset,
+  workdir: str,
+  teacher_only: bool,
+) -> None:
+  """Builds the stages to run (refusing a batch larger than the data) and
+  refuses a num_epochs that ends before a stage's latest checkpoint."""
+  epochs = {}
+  if teacher_only or objective.uses_teacher:
+    epochs["teacher"] = ("ce", run_config.teacher_epochs(config))
+  if not teacher_only:
+    epochs["student"] = (objective, config.num_epochs)
+  for name, (stage_objective, num_epochs) in epochs.items():
+    if isinstance(stage_objective, str):
+      stage_objective = resolve_objective(stage_objective)
+    stage = stage_lib.build_stage(
+      name, stage_objective, num_epochs, config, data, jax.device_count()
+    )
+    if name == "teacher" and config.teacher_checkpoint:
+      continue
+    steps = checkpointing.saved_steps(
+      os.path.join(workdir, name, CHECKPOINT_DIR)
+    )
+    reached = steps[-1] // stage.steps_per_epoch if steps else 0
+    if reached > num_epochs:
+      option = "teacher_num_epochs" if name == "teacher" else "num_epochs"
+      raise run_config.ConfigError(
+        f"The {name} stage already reached epoch {reached}; "
+        f"{option}={num_epochs} would end before it. Rerun with "
+        f"--config.{option}={reached} or more, or use a new --workdir."
+      )
 
 
 def train_and_evaluate(
@@ -409,31 +470,58 @@ def train_and_evaluate(
   With `teacher_only`, runs stage 1 alone and returns the teacher's results:
   a teacher that several students share (`config.teacher_checkpoint` set to
   WORKDIR/teacher/checkpoints) whatever their methods.
+
+  The workdir is locked for the whole run (a second run on it is refused).
+  Its config is recorded only once every check has passed, the data's
+  included: a refused run leaves the workdir as it found it.
   """
-  objective, notes = check_inputs(config, workdir, teacher_only)
-  for note in notes:
-    logging.warning("Config change accepted on resume:%s", note)
-  os.makedirs(workdir, exist_ok=True)
-  writers.open_log_files()
-  if jax.process_index() == 0:
-    run_config.save(config, workdir)
-  mesh = banks.data_mesh()
-  dataset = data_lib.load_dataset(
-    config.dataset,
-    config.data_dir or None,
-    download=config.download,
-    split_seed=config.data_seed,
-    image_size=config.image_size or None,
-  )
-  data = place_dataset(dataset, mesh, config)
-  logging.info(
-    "%s: %d train / %d test examples, %d classes, %d devices.",
-    config.dataset,
-    data.layout.num_examples,
-    len(data.test_labels),
-    data.num_classes,
-    mesh.devices.size,
-  )
+  # Checks that need no lock come first: a run refused by them never
+  # touches the workdir.
+  run_config.validate(config)
+  run_config.check_workdir(workdir)
+  lock = workdir_lock.WorkdirLock(workdir)
+  lock.acquire()
+  accepted = False
+  try:
+    objective, notes = check_inputs(config, workdir, teacher_only)
+    mesh = banks.data_mesh()
+    dataset = data_lib.load_dataset(
+      config.dataset,
+      config.data_dir or None,
+      download=config.download,
+      split_seed=config.data_seed,
+      image_size=config.image_size or None,
+    )
+    data = place_dataset(dataset, mesh, config)
+    logging.info(
+      "%s: %d train / %d test examples, %d classes, %d devices.",
+      config.dataset,
+      data.layout.num_examples,
+      len(data.test_labels),
+      data.num_classes,
+      mesh.devices.size,
+    )
+    _check_progress(config, objective, data, workdir, teacher_only)
+    for note in notes:
+      logging.warning("Config change accepted on resume:%s", note)
+    writers.open_log_files()
+    if jax.process_index() == 0:
+      run_config.save(config, workdir)
+    accepted = True
+    return _run_stages(config, objective, data, mesh, workdir, teacher_only)
+  finally:
+    lock.release(undo_creation=not accepted)
+
+
+def _run_stages(
+  config: ml_collections.ConfigDict,
+  objective: Objective,
+  data: DeviceDataset,
+  mesh: jax.sharding.Mesh,
+  workdir: str,
+  teacher_only: bool,
+) -> dict:
+  """The three stages (or the teacher's alone), each resumed or skipped."""
   with SignalFlag() as signals:
     if teacher_only:
       _teacher_stage(config, data, mesh, workdir, signals)

@@ -28,6 +28,7 @@ import signal
 from typing import Callable
 
 import e2e_util as u
+import numpy as np
 import pytest
 
 # Every test here runs main.py in a subprocess.
@@ -80,7 +81,43 @@ CORRUPTIONS: dict[str, Callable[[str], None]] = {
   "truncated_progress": lambda step_dir: _truncate(
     os.path.join(step_dir, "progress", "metadata")
   ),
+  # Same size, one bit off: only the checksums can tell.
+  "flipped_bit": lambda step_dir: _flip_a_bit(
+    _largest_file(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
+  ),
 }
+
+
+def _flip_a_bit(path: str) -> None:
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x04]))
+
+
+def _image_folder(root: str, fault: str) -> str:
+  """A small image folder with one fault: a corrupt PNG or an empty class
+  folder. Returns the path the error must name."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  for name in ("ant", "cat", "dog"):
+    os.makedirs(os.path.join(root, "train", name))
+    for i in range(12):
+      pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(
+        os.path.join(root, "train", name, f"{i}.png")
+      )
+  if fault == "corrupt_png":
+    bad = os.path.join(root, "train", "cat", "7.png")
+    with open(bad, "r+b") as f:
+      f.seek(40)
+      f.write(b"\0" * 40)
+    return bad
+  empty = os.path.join(root, "train", "bee")
+  os.makedirs(empty)
+  return empty
 
 
 @dataclasses.dataclass
@@ -92,6 +129,7 @@ class Case:
   # under_executable_file | proc | a CORRUPTIONS key
   num_devices: int | None = None
   before_data: bool = True  # the error comes before the dataset is placed
+  image_folder: str = ""  # "" (digits) or a fault of _image_folder
 
 
 CASES = (
@@ -154,6 +192,52 @@ CASES = (
     "workdir_in_proc", (), ("--workdir", "{workdir}", "writ"), workdir="proc"
   ),
   Case(
+    "unknown_config_field",
+    ("--config.foo=1",),
+    ("--config.foo: the config has no field 'foo'",),
+  ),
+  Case(
+    "misspelt_config_field",
+    ("--config.num_epoch=1",),
+    ("--config.num_epoch", "closest: num_epochs"),
+    workdir="existing",
+  ),
+  Case(
+    "missing_config_file",
+    ("--config=configs/no_such_config.py",),
+    ("--config=configs/no_such_config.py: no such file",),
+  ),
+  Case(
+    "batch_larger_than_the_training_set",
+    ("--config.batch_size=4096",),
+    ("batch_size=4096", "larger than the 1438 training examples"),
+    before_data=False,
+  ),
+  Case(
+    "corrupt_image_in_folder",
+    (),
+    ("Cannot read {image_folder} as an image",),
+    before_data=False,
+    image_folder="corrupt_png",
+  ),
+  Case(
+    "empty_class_folder",
+    (),
+    ("Class folder {image_folder} holds no image",),
+    image_folder="empty_class",
+  ),
+  Case(
+    "flipped_bit_in_latest_checkpoint",
+    (),
+    (
+      "{step_dir}",
+      "corrupted or incomplete",
+      "does not match its checksum",
+      "mv {step_dir} {step_dir}.bad",
+    ),
+    workdir="flipped_bit",
+  ),
+  Case(
     "partial_latest_checkpoint",
     (),
     (
@@ -199,6 +283,7 @@ class Outcome:
   before: dict[str, str] | None  # digests of `watched` (None: absent)
   after: dict[str, str] | None
   step_dir: str = ""
+  image_folder: str = ""
 
 
 def _digests(path: str) -> dict[str, str] | None:
@@ -234,6 +319,11 @@ def _prepare(case: Case, interrupted: str, root: str) -> Outcome:
   elif case.workdir == "proc":
     workdir = f"/proc/aikd-test-workdir-{os.getpid()}"
   watched = watched or workdir
+  image_folder = ""
+  if case.image_folder:
+    image_folder = _image_folder(
+      os.path.join(root, "images"), case.image_folder
+    )
   return Outcome(
     run=None,
     workdir=workdir,
@@ -241,14 +331,19 @@ def _prepare(case: Case, interrupted: str, root: str) -> Outcome:
     before=_digests(watched),
     after=None,
     step_dir=step_dir,
+    image_folder=image_folder,
   )
 
 
 def _run_case(case: Case, interrupted: str, root: str) -> Outcome:
   outcome = _prepare(case, interrupted, root)
+  dataset = ()
+  if case.image_folder:
+    dataset = (f"--config.dataset=folder:{os.path.join(root, 'images')}",)
   outcome.run = u.run_main(
     outcome.workdir,
     *BASE,
+    *dataset,
     *case.overrides,
     num_devices=case.num_devices,
     timeout=300,
@@ -280,13 +375,17 @@ def outcomes(interrupted, tmp_path_factory) -> dict[str, Outcome]:
 def test_bad_input_fails_fast_and_changes_nothing(case, outcomes):
   outcome = outcomes[case.id]
   run = outcome.run
-  assert run.returncode != 0, run.tail()
+  assert run.returncode == 2, run.tail()
   assert "Traceback" not in run.output, run.tail()
   errors = run.lines(r"^error: ")
   assert errors, run.tail()
   message = "\n".join(errors)
   for keyword in case.keywords:
-    keyword = keyword.format(workdir=outcome.workdir, step_dir=outcome.step_dir)
+    keyword = keyword.format(
+      workdir=outcome.workdir,
+      step_dir=outcome.step_dir,
+      image_folder=outcome.image_folder,
+    )
     assert keyword in message, (keyword, message)
   assert not run.lines(u.STEP_LINE_PATTERN), "training started"
   assert not run.lines(r"(teacher|student) epoch \d+/"), "training started"
@@ -319,3 +418,72 @@ def test_the_fallback_the_message_gives_resumes_from_the_previous_one(outcomes):
   run = proc.finish()
   assert resumed, run.tail()
   assert f"student: resumed from step {SPE} (epoch 1)" in run.output
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_first(
+  interrupted, tmp_path
+):
+  """The first run holds the lock while it trains; the second exits at once
+  with status 2, names it, and touches nothing; the first goes on."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(interrupted, workdir)
+  # Long enough to outlast the second run's start-up on a busy machine.
+  longer = (*BASE, "--config.num_epochs=60")
+  first = u.MainProcess(workdir, *longer)
+  try:
+    assert first.wait_until(
+      lambda: any("student: resumed from step" in x for x in first.snapshot()),
+      timeout=300,
+    ), first.snapshot()[-20:]
+    before = _digests(os.path.join(workdir, "config.json"))
+    second = u.run_main(workdir, *longer)
+    assert second.returncode == 2, second.tail()
+    (error,) = second.lines(r"^error: ")
+    assert f"The workdir {workdir!r} is in use by another run" in error
+    assert f"pid {first.proc.pid} on host " in error and "since 20" in error
+    assert "Traceback" not in second.output
+    assert not second.lines(u.STEP_LINE_PATTERN)
+    assert _digests(os.path.join(workdir, "config.json")) == before
+  finally:
+    u.kill_if_running(first)
+  first.finish()
+  # kill -9 left the lock file; the OS released the lock itself.
+  assert os.path.exists(os.path.join(workdir, ".lock"))
+  proc = u.MainProcess(workdir, *longer)
+  try:
+    assert proc.wait_until(
+      lambda: any("student: resumed from step" in x for x in proc.snapshot()),
+      timeout=300,
+    ), proc.snapshot()[-20:]
+  finally:
+    u.kill_if_running(proc)
+  proc.finish()
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_one_line(tmp_path):
+  """The checkpoint folder swapped for a file mid-run (what a full disk or
+  lost permissions do to a save): one line naming the step, the folder and
+  the cause, status 2; once fixed, the same command finishes the run."""
+  workdir = str(tmp_path / "run")
+  proc = u.MainProcess(workdir, *BASE)
+  proc.wait_until(
+    lambda: any(s >= 3 for s in u.logged_steps(proc.snapshot())), timeout=300
+  )
+  folder = os.path.join(workdir, "student", "checkpoints")
+  os.rename(folder, folder + ".aside")
+  with open(folder, "w") as f:
+    f.write("in the way\n")
+  run = proc.finish()
+  assert run.returncode == 2, run.tail()
+  assert "Traceback" not in run.output, run.tail()
+  (error,) = run.lines(r"^error: ")
+  assert re.search(
+    rf"Could not write the checkpoint of step \d+ to {re.escape(folder)} "
+    r"\(.*Not a directory",
+    error,
+  ), error
+  os.remove(folder)
+  os.rename(folder + ".aside", folder)
+  rerun = u.run_main(workdir, *BASE)
+  assert rerun.returncode == 0, rerun.tail()
+  assert u.read_results(workdir, "student")["complete"]

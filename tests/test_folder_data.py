@@ -238,3 +238,17 @@ print(json.dumps({{'shapes': shapes, 'modules': sorted(
     [[12, 8, 8, 3], [3, 8, 8, 3]],
   ]
   assert result["modules"] == []
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_empty_class_folder_is_refused_naming_it(tmp_path, split):
+  """An empty class folder would be a class of its own and shift the labels
+  of the classes after it; it is refused before anything is read."""
+  _write_folder(str(tmp_path), sizes=[(8, 8)])
+  empty = tmp_path / split / "bee"  # Sorts between "ant" and "cat".
+  empty.mkdir()
+  (empty / "notes.txt").write_text("not an image")
+  for fn in (data.check_dataset_available, data.load_dataset):
+    with pytest.raises(data.DatasetUnavailableError) as info:
+      fn(f"folder:{tmp_path}")
+    assert f"Class folder {empty} holds no image" in str(info.value)

@@ -552,9 +552,14 @@ def test_resume_with_neutral_fields_and_more_epochs_is_accepted(
     assert note in run.output, (note, run.tail())
   assert "Config change accepted on resume" in run.output
   assert f"student: resumed from step {STUDENT_STEPS} " in run.output
+  # config.json stays as the run was started; the change is listed.
   with open(os.path.join(workdir, "config.json")) as f:
-    saved = json.load(f)
-  assert saved["log_every_steps"] == 7 and saved["num_epochs"] == 4
+    started = json.load(f)
+  assert started["log_every_steps"] == 5 and started["num_epochs"] == 3
+  with open(os.path.join(workdir, "config_changes.json")) as f:
+    (change,) = json.load(f)
+  assert change["fields"]["num_epochs"] == [3, 4]
+  assert change["fields"]["log_every_steps"] == [5, 7]
   student = u.read_results(workdir, "student")
   assert student["num_epochs"] == 4
   assert [h["epoch"] for h in student["history"]] == [0, 1, 2, 3]
@@ -567,6 +572,84 @@ def test_resume_with_neutral_fields_and_more_epochs_is_accepted(
     if k.startswith("teacher")
   }
   assert teacher_after == teacher_before
+
+
+def test_fewer_epochs_than_reached_are_refused_and_change_nothing(
+  reference, tmp_path
+):
+  """Also on a finished workdir, which would otherwise report its results."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  before = u.file_digests(workdir)
+  for flag, message in (
+    (
+      "--config.num_epochs=2",
+      "error: The student stage already reached epoch 3; num_epochs=2 "
+      "would end before it. Rerun with --config.num_epochs=3 or more",
+    ),
+    (
+      "--config.teacher_num_epochs=1",
+      "error: The teacher stage already reached epoch 2; "
+      "teacher_num_epochs=1 would end before it.",
+    ),
+  ):
+    run = u.run_main(workdir, *FLAGS, flag)
+    assert run.returncode == 2, run.tail()
+    assert message in run.output, run.tail()
+    assert "Traceback" not in run.output
+    assert not run.lines(EPOCH_LINE)
+    assert u.file_digests(workdir) == before
+
+
+def test_lost_teacher_checkpoints_are_one_line_and_its_remedy_works(
+  reference, reference_arrays, tmp_path
+):
+  """teacher/checkpoints deleted after the teacher finished: the error says
+  which folder to remove; doing so retrains the same teacher."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(os.path.join(workdir, "teacher", "checkpoints"))
+  before = u.file_digests(workdir)
+  run = u.run_main(workdir, *FLAGS)
+  assert run.returncode == 2, run.tail()
+  assert "Traceback" not in run.output, run.tail()
+  (error,) = run.lines(r"^error: ")
+  teacher_dir = os.path.join(workdir, "teacher")
+  assert f"{teacher_dir}/checkpoints does not exist" in error, error
+  assert f"remove the folder {teacher_dir} and rerun" in error, error
+  assert u.file_digests(workdir) == before
+  shutil.rmtree(teacher_dir)
+  run = u.run_main(workdir, *FLAGS)
+  assert run.returncode == 0, run.tail()
+  assert "teacher_logits: finished earlier; loading the bank." in run.output
+  assert "student: finished earlier; nothing to do." in run.output
+  teacher, _ = u.load_checkpoint(workdir, "teacher")
+  assert not u.bitwise_differences(
+    {f"teacher{k}": v for k, v in teacher.items()},
+    {k: v for k, v in reference_arrays.items() if k.startswith("teacher[")},
+  )
+
+
+def test_a_teacher_checkpoint_from_a_run_with_other_optimiser_settings(
+  reference, tmp_path
+):
+  """Only the teacher's model variables are read, so the optimiser settings
+  of either run (here the gradient clip) do not matter."""
+  teacher_dir = os.path.join(reference, "teacher", "checkpoints")
+  proc = u.MainProcess(
+    str(tmp_path / "run"),
+    *FLAGS,
+    "--config.grad_clip_norm=5",
+    f"--config.teacher_checkpoint={teacher_dir}",
+  )
+  loaded = f"teacher: loaded {teacher_dir} step {TEACHER_STEPS}."
+  reached = proc.wait_until(
+    lambda: any(loaded in line for line in proc.snapshot()), timeout=300
+  )
+  u.kill_if_running(proc)
+  run = proc.finish()
+  assert reached, run.tail()
+  assert "error:" not in run.output and "Traceback" not in run.output
 
 
 # --- 6. NaN / Inf -----------------------------------------------------------

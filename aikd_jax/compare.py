@@ -49,15 +49,6 @@ from aikd_jax import run_config
 from aikd_jax import train
 
 COMPARISON_FILE = report_lib.COMPARISON_FILE
-# Objective fields an override would change for every method at once, turning
-# the baselines into other methods (e.g. alpha_T > 0 makes `ce` PS-KD).
-_PRESET_WEIGHTS = (
-  "alpha_T",
-  "label_smoothing",
-  "lambda_det",
-  "lambda_adv",
-  "lambda_cls",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,13 +168,14 @@ def check_comparison(
     raise run_config.ConfigError(
       f"--seeds must be at least 1, got {num_seeds}."
     )
-  overridden = [f for f in _PRESET_WEIGHTS if config.get(f) is not None]
+  weights = objective_lib.METHOD_WEIGHTS
+  overridden = [f for f in weights if config.get(f) is not None]
   if overridden:
     raise run_config.ConfigError(
       f"--config.{overridden[0]} would apply to every method of the "
       "comparison and turn the baselines into other methods; leave "
-      f"{', '.join(_PRESET_WEIGHTS)} unset here (run main.py for a single "
-      "modified method)."
+      f"{', '.join(weights)} unset here (run main.py for a single modified "
+      "method)."
     )
   if config.teacher_checkpoint:
     raise run_config.ConfigError(

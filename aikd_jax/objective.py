@@ -148,6 +148,14 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
   "ai_kd_online": {**_AI_KD, "teacher_mode": "online"},
 }
 METHODS = tuple(PRESETS)
+# The weights that tell the presets apart: set one, and `ce` is no longer CE.
+METHOD_WEIGHTS = (
+  "alpha_T",
+  "label_smoothing",
+  "lambda_det",
+  "lambda_adv",
+  "lambda_cls",
+)
 OVERRIDABLE_FIELDS = tuple(f.name for f in dataclasses.fields(Objective))
 
 

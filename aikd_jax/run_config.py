@@ -44,7 +44,6 @@ RESULT_NEUTRAL_FIELDS = frozenset(
 # Fields that may grow between runs (checked against the progress made).
 EXTENDABLE_FIELDS = frozenset({"num_epochs", "teacher_num_epochs"})
 DTYPES = ("float32", "bfloat16")
-OBJECTIVE_FIELDS = OVERRIDABLE_FIELDS
 
 
 class ConfigError(ValueError):
@@ -55,7 +54,7 @@ def objective_from_config(
   config: ml_collections.ConfigDict | dict,
 ) -> Objective:
   """The method's preset with the config's overrides (or a saved dict's)."""
-  overrides = {name: config.get(name) for name in OBJECTIVE_FIELDS}
+  overrides = {name: config.get(name) for name in OVERRIDABLE_FIELDS}
   return resolve_objective(config.get("method"), overrides)
 
 
@@ -246,7 +245,7 @@ def adopt_legacy_values(
 
 # What a teacher-only workdir's result does not depend on.
 STUDENT_ONLY_FIELDS = frozenset(
-  ("method", "num_epochs", "teacher_checkpoint") + OBJECTIVE_FIELDS
+  ("method", "num_epochs", "teacher_checkpoint") + OVERRIDABLE_FIELDS
 )
 
 
@@ -278,7 +277,7 @@ def compare_with_saved(
     if (
       field in RESULT_NEUTRAL_FIELDS
       or field in EXTENDABLE_FIELDS
-      or (same_objective and field in ("method",) + OBJECTIVE_FIELDS)
+      or (same_objective and field in ("method",) + OVERRIDABLE_FIELDS)
     ):
       notes.append(line)
     else:

@@ -321,9 +321,13 @@ def test_a_workdir_predating_the_ramp_resumes_without_one(tmp_path):
   config = _config()
   assert run_config.objective_from_config(config).teacher_ramp_epochs > 0
   lines = run_config.adopt_legacy_values(config, workdir)
+  # The presets' stabiliser, ramp and clip, is what a run started before it
+  # never had; the warmup's default (off) is its legacy value already.
   assert lines == [
     "config.json predates teacher_ramp_epochs: resuming with "
-    "teacher_ramp_epochs=0.0, as the run was started."
+    "teacher_ramp_epochs=0.0, as the run was started.",
+    "config.json predates grad_clip_norm: resuming with "
+    "grad_clip_norm=0.0, as the run was started.",
   ]
   assert config.teacher_ramp_epochs == 0.0
   assert run_config.objective_from_config(config).teacher_ramp_epochs == 0

@@ -47,6 +47,7 @@ from aikd_jax import report as report_lib
 from aikd_jax import results as results_lib
 from aikd_jax import run_config
 from aikd_jax import train
+from aikd_jax import workdir_lock
 
 COMPARISON_FILE = report_lib.COMPARISON_FILE
 
@@ -308,8 +309,24 @@ def run_comparison(
     The input errors of check_comparison; train.Preempted after a signal.
   """
   methods = parse_methods(methods)
-  runs = check_comparison(config, workdir, methods, num_seeds)
-  save_comparison(config, workdir, methods, num_seeds, runs)
+  run_config.check_workdir(workdir)
+  # One comparison per DIR at a time; each run's own folder is locked too.
+  lock = workdir_lock.WorkdirLock(workdir)
+  lock.acquire()
+  accepted = False
+  try:
+    runs = check_comparison(config, workdir, methods, num_seeds)
+    save_comparison(config, workdir, methods, num_seeds, runs)
+    accepted = True
+    return _train_and_report(config, workdir, runs)
+  finally:
+    lock.release(undo_creation=not accepted)
+
+
+def _train_and_report(
+  config: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run]
+) -> dict[str, Any]:
+  """Every teacher and run in order (resumed or skipped), then the report."""
   outcome = {"trained": [], "skipped": [], "failed": {}, "report": None}
   teacher_epochs = run_config.teacher_epochs(config)
   # One teacher per seed, trained before any of that seed's runs.

@@ -49,6 +49,26 @@ def test_a_second_lock_is_refused_naming_the_holder(tmp_path):
   second.release()
 
 
+def test_a_busy_comparison_folder_is_refused_and_left_alone(tmp_path):
+  from aikd_jax import compare  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path / "comparison")
+  holder = workdir_lock.WorkdirLock(workdir)
+  holder.acquire()
+  try:
+    before = u.file_digests(workdir)
+    with pytest.raises(workdir_lock.WorkdirBusy, match="in use by another"):
+      compare.run_comparison(_config(), workdir, ["ce"], 1)
+    assert u.file_digests(workdir) == before
+  finally:
+    holder.release()
+  # Refused on a new folder for another reason: nothing is left behind.
+  fresh = str(tmp_path / "fresh")
+  with pytest.raises(run_config.ConfigError, match="lambda_adv"):
+    compare.run_comparison(_config(lambda_adv=0.5), fresh, ["ce"], 1)
+  assert not os.path.exists(fresh)
+
+
 def test_undo_removes_only_the_folders_the_lock_created(tmp_path):
   existing = tmp_path / "existing"
   existing.mkdir()

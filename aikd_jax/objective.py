@@ -46,9 +46,9 @@ class Objective:
       tau times cross-entropy's, which a fresh PreAct ResNet-18 at lr 0.1
       cannot absorb in its first steps (README, "Defaults and their origin").
     grad_clip_norm: the student's loss gradient is scaled down to this global
-      norm whenever it is larger (0: never). KD at tau 4 keeps the logits'
-      curvature from fading as the student grows confident, as cross-entropy
-      does, so at lr 0.1 the student can blow up long after the ramp
+      norm whenever it is larger (0: never). Cross-entropy's curvature in
+      the logits fades as the student grows confident; KD's at tau 4 does
+      not, so at lr 0.1 the student can blow up long after the ramp
       (docs/dynamics.md); clipping bounds each step. Applied in the train
       step, so the optimiser state does not depend on it.
   """

@@ -178,14 +178,15 @@ def _same_objective(saved: dict[str, Any], current: dict[str, Any]) -> bool:
     return False
 
 
-# Fields added after workdirs already existed: the value that reproduces
-# what a run started before the field existed did, and the field's default
-# now. See `adopt_legacy_values`.
+# Fields added (or whose default changed) after workdirs already existed:
+# the value that reproduces what a run started before did, and the field's
+# default now. See `adopt_legacy_values`.
 LEGACY_VALUES = {
   # Before the ramp, the pre-trained model's terms had full weight at once.
   "teacher_ramp_epochs": (0.0, None),
   "warmup_epochs": (0.0, 0.0),  # No warmup.
-  "grad_clip_norm": (0.0, None),  # No clipping.
+  # No clipping; its default was 0.0 before the presets chose theirs.
+  "grad_clip_norm": (0.0, None),
 }
 
 
@@ -223,22 +224,31 @@ def adopt_legacy_values(
   workdir unresumable without a flag the user cannot guess, while the old
   behaviour is known exactly, so a field still at its default takes its
   legacy value instead; a field set explicitly to something else is left
-  alone and refused by `compare_with_saved` like any other change.
+  alone and refused by `compare_with_saved` like any other change. The same
+  holds for a field saved at its former default (grad_clip_norm's 0.0,
+  before the presets had a clip of their own).
 
   Returns:
     One line per adopted field, for the log.
   """
-  started = _started_config(workdir)
-  if started is None:
+  saved = saved_config(workdir)
+  if saved is None:
     return []
+  started = _started_config(workdir)
   lines = []
   for field, (legacy, default) in LEGACY_VALUES.items():
-    if field in started or config[field] != default or default == legacy:
+    if config[field] != default or default == legacy:
+      continue
+    if field not in started:
+      why = f"{CONFIG_FILE} predates {field}"
+    elif saved[field] == legacy:
+      # Saved as the old default: spelled out then, meant the same.
+      why = f"the workdir was started with {field}={legacy!r}"
+    else:
       continue
     config[field] = legacy
     lines.append(
-      f"{CONFIG_FILE} predates {field}: resuming with {field}={legacy!r}, "
-      "as the run was started."
+      f"{why}: resuming with {field}={legacy!r}, as the run was started."
     )
   return lines
 

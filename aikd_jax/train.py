@@ -35,6 +35,7 @@ from aikd_jax import writers
 from aikd_jax.checkpointing import CHECKPOINT_DIR
 from aikd_jax.device_data import DeviceDataset
 from aikd_jax.device_data import place_dataset
+from aikd_jax.objective import GRAD_CLIP_NORM
 from aikd_jax.objective import Objective
 from aikd_jax.objective import resolve_objective
 from aikd_jax.preemption import Preempted
@@ -84,13 +85,21 @@ def _remedies(
   remedies.append(
     f"lower --config.learning_rate (now {config.learning_rate:g})"
   )
-  if objective.grad_clip_norm:
+  if stage != "student":
+    # The teacher is PS-KD's `ce` recipe: no clip to tune.
     remedies.append(
-      "clip the gradient harder (--config.grad_clip_norm, now "
+      f"warm the lr up (--config.warmup_epochs, now {config.warmup_epochs:g})"
+    )
+  elif objective.grad_clip_norm:
+    remedies.append(
+      "clip the student's gradient harder (--config.grad_clip_norm, now "
       f"{objective.grad_clip_norm:g})"
     )
   else:
-    remedies.append("clip the gradient (e.g. --config.grad_clip_norm=5)")
+    remedies.append(
+      "clip the student's gradient (e.g. --config.grad_clip_norm="
+      f"{GRAD_CLIP_NORM:g})"
+    )
   return ", or ".join(remedies)
 
 
@@ -349,7 +358,7 @@ def _teacher_stage(
   `later_epochs`: the student's epochs to come, for the run's ETA."""
   stage = stage_lib.build_stage(
     "teacher",
-    resolve_objective("ce", {"grad_clip_norm": config.grad_clip_norm}),
+    resolve_objective("ce"),
     run_config.teacher_epochs(config),
     config,
     data,

@@ -127,6 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def projected_pipeline_s(
+  objective,
   first_epoch_s: float,
   loop_epoch_s: float,
   eval_s: float,
@@ -134,16 +135,19 @@ def projected_pipeline_s(
   num_examples: int,
   epochs: int,
 ) -> float:
-  """Wall time of teacher + teacher logits + student from measured epochs.
+  """Wall time of the stages `objective` runs, from measured epochs.
 
-  Each stage: its first epoch (compilation included) and epochs - 1 loop
-  epochs; the teacher's `ce` epochs are counted at this method's epoch time
-  (an upper bound: `ce` steps are no slower). Stage 2 is one eval-mode pass
-  over the training split, at the measured eval speed. Start-up (imports,
-  data loading) is not included.
+  Each trained stage: its first epoch (compilation included) and epochs - 1
+  loop epochs; a teacher's `ce` epochs are counted at this method's epoch
+  time (an upper bound: `ce` steps are no slower). Stage 2 (precomputed
+  teacher logits) is one eval-mode pass over the training split, at the
+  measured eval speed. Start-up (imports, data loading) is not included.
   """
   stage = first_epoch_s + (epochs - 1) * loop_epoch_s
-  return 2 * stage + eval_s * num_examples / num_test
+  if not objective.uses_teacher:
+    return stage
+  logits = 0.0 if objective.teacher_mode == "online" else eval_s
+  return 2 * stage + logits * num_examples / num_test
 
 
 def _config(args):
@@ -303,6 +307,7 @@ def main(argv=None) -> int:
     "eval_images_per_s": num_test / eval_s_call,
     "projected_epochs": args.project_epochs,
     "projected_pipeline_s": projected_pipeline_s(
+      objective,
       first_epoch,
       loop_epoch,
       eval_s_call,
@@ -356,11 +361,16 @@ def main(argv=None) -> int:
     f"{args.eval_batch_size}, {1e3 * eval_s_call:.1f} ms per pass; first "
     f"call {eval_first:.2f} s)"
   )
+  stages = f"{args.method} student {args.project_epochs} epochs"
+  if objective.uses_teacher:
+    stages = (
+      f"teacher {args.project_epochs} epochs + "
+      + ("" if objective.teacher_mode == "online" else "teacher logits + ")
+      + stages
+    )
   print(
-    f"projected pipeline (teacher {args.project_epochs} epochs + teacher "
-    f"logits + {args.method} student {args.project_epochs} epochs, "
-    f"{args.num_examples} images, batch {args.batch_size}): "
-    f"{figures['projected_pipeline_s'] / 60:.1f} min"
+    f"projected pipeline ({stages}, {args.num_examples} images, batch "
+    f"{args.batch_size}): {figures['projected_pipeline_s'] / 60:.1f} min"
   )
   common.write_json(args.out, report)
   if args.out:

@@ -40,8 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.temperature = config_dict.placeholder(float)
   config.teacher_mode = config_dict.placeholder(str)  # precomputed | online
   config.teacher_ramp_epochs = config_dict.placeholder(float)
-  # Clip the student's gradient to this global norm (0: off); also applies to
-  # the teacher stage when set.
+  # Clip the student's gradient to this global norm (0: off); None: the
+  # method's (1 with the pre-trained model's terms). The teacher never clips.
   config.grad_clip_norm = config_dict.placeholder(float)
 
   # Teacher (stage 1): trained with `ce` unless a checkpoint is named.

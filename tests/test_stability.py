@@ -138,4 +138,5 @@ def test_divergence_message_names_every_bad_term_and_a_remedy():
     config,
   )
   assert "teacher_ramp_epochs" not in teacher
-  assert "learning_rate" in teacher and "grad_clip_norm" in teacher
+  assert "learning_rate" in teacher and "warmup_epochs" in teacher
+  assert "grad_clip_norm" not in teacher  # the teacher's recipe has no clip

@@ -357,6 +357,24 @@ def test_a_workdir_predating_the_ramp_resumes_without_one(tmp_path):
   assert run_config.compare_with_saved(_config(), workdir) == []
 
 
+def test_a_workdir_saved_with_the_old_clip_default_resumes_unclipped(tmp_path):
+  workdir = str(tmp_path)
+  run_config.save(_config(grad_clip_norm=0.0), workdir)  # the old default
+  config = _config()
+  assert config.grad_clip_norm is None
+  assert run_config.objective_from_config(config).grad_clip_norm > 0
+  lines = run_config.adopt_legacy_values(config, workdir)
+  assert lines == [
+    "the workdir was started with grad_clip_norm=0.0: resuming with "
+    "grad_clip_norm=0.0, as the run was started."
+  ]
+  assert run_config.objective_from_config(config).grad_clip_norm == 0.0
+  assert run_config.compare_with_saved(_config(), workdir) == []
+  # Another clip than the saved one is still a change.
+  with pytest.raises(run_config.ConfigError, match="0.0 .saved. -> 2.0"):
+    run_config.compare_with_saved(_config(grad_clip_norm=2.0), workdir)
+
+
 def test_a_new_fields_explicit_value_is_a_change_like_any_other(tmp_path):
   workdir = str(tmp_path)
   _predating(workdir, "teacher_ramp_epochs", "grad_clip_norm")

@@ -4,12 +4,8 @@ PS-KD's constructor:
   PyramidNet(dataset='cifar100', depth=200, alpha=240,
   num_classes=100, bottleneck=True)
 
-PS-KD gives one CIFAR-100 recipe for every network (its README's commands
-and main.py's defaults: batch 128, SGD lr 0.1 with Nesterov momentum 0.9,
-weight decay 5e-4, lr x0.1 at epochs 150 and 225); its network.py sets only
-the architecture per network. So only the model differs from
-configs/cifar100.py. Everything else that configs/default.py marks as ours
-stays ours here too.
+Only the model differs from configs/cifar100.py: PS-KD trains every CIFAR
+network with the same recipe (see there).
 """
 
 from configs import cifar100

@@ -385,14 +385,41 @@ def _teacher_stage(
   return stage, teacher
 
 
+def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The checks that need nothing from the workdir: they run before it is
+  locked (or created), so a run they refuse never touches it."""
+  run_config.validate(config)
+  run_config.check_workdir(workdir)
+  data_lib.check_dataset_available(
+    config.dataset, config.data_dir or None, download=config.download
+  )
+
+
+def check_run_folder(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  ignore: frozenset = frozenset(),
+) -> list[str]:
+  """A run folder accepts `config` (its saved config allows the change) and
+  the newest checkpoint of each of its stages is whole.
+
+  Returns:
+    The log lines of accepted changes.
+  """
+  notes = run_config.compare_with_saved(config, workdir, ignore)
+  for stage in STAGES:
+    checkpointing.verify_latest(os.path.join(workdir, stage, CHECKPOINT_DIR))
+  return notes
+
+
 def check_inputs(
   config: ml_collections.ConfigDict, workdir: str, teacher_only: bool = False
 ) -> tuple[Objective, list[str]]:
-  """Every check that must pass before anything is computed or written.
+  """The checks on the workdir, after `check_config` and under its lock.
 
-  Reads the workdir, writes nothing (the lock aside: see
-  train_and_evaluate). A field the workdir's config predates takes the
-  value it was started with (run_config.adopt_legacy_values), in `config`.
+  Reads the workdir, writes nothing. A field the workdir's config predates
+  takes the value it was started with (run_config.adopt_legacy_values), in
+  `config`.
 
   Returns:
     The objective, and the log lines of accepted changes.
@@ -400,15 +427,10 @@ def check_inputs(
   notes = [
     f" {line}" for line in run_config.adopt_legacy_values(config, workdir)
   ]
-  objective = run_config.validate(config)
-  run_config.check_workdir(workdir)
-  data_lib.check_dataset_available(
-    config.dataset, config.data_dir or None, download=config.download
-  )
+  # Legacy values are ones a run was started with: valid by construction.
+  objective = run_config.objective_from_config(config)
   ignore = run_config.STUDENT_ONLY_FIELDS if teacher_only else frozenset()
-  notes += run_config.compare_with_saved(config, workdir, ignore)
-  for stage in STAGES:
-    checkpointing.verify_latest(os.path.join(workdir, stage, CHECKPOINT_DIR))
+  notes += check_run_folder(config, workdir, ignore)
   if teacher_only or objective.uses_teacher:
     _check_teacher_weights(config, workdir)
   return objective, notes
@@ -484,10 +506,7 @@ def train_and_evaluate(
   Its config is recorded only once every check has passed, the data's
   included: a refused run leaves the workdir as it found it.
   """
-  # Checks that need no lock come first: a run refused by them never
-  # touches the workdir.
-  run_config.validate(config)
-  run_config.check_workdir(workdir)
+  check_config(config, workdir)
   lock = workdir_lock.WorkdirLock(workdir)
   lock.acquire()
   accepted = False

@@ -86,7 +86,7 @@ def _tfds_train_bytes(name: str, data_dir: str | None) -> int | None:
 
   info = tfds.builder(name, data_dir=data_dir).info
   shape = info.features["image"].shape
-  if any(d is None for d in shape):
+  if any(d is None for d in shape) or "train" not in info.splits:
     return None
   return int(info.splits["train"].num_examples) * math.prod(shape)
 
@@ -113,7 +113,9 @@ def _stream_tfds(
       f"{name}'s images differ in size; stream it with "
       "--config.host_augment=True and --config.image_size=SIZE."
     )
-  test_split = "test" if "test" in info.splits else "validation"
+  from aikd_jax import tfds_data  # pylint: disable=g-import-not-at-top
+
+  test_split = tfds_data.eval_split(name, data_dir)
   return _streamed(
     config,
     mesh,

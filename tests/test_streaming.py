@@ -16,10 +16,12 @@ from test_train_step import bank_sized_collectives
 
 from aikd_jax import banks
 from aikd_jax import data as data_lib
+from aikd_jax import host_augment
 from aikd_jax import input_pipeline
 from aikd_jax import run_config
 from aikd_jax import stage as stage_lib
 from aikd_jax import streaming
+from aikd_jax import train
 from aikd_jax import train_step as step_lib
 from aikd_jax.device_data import place_dataset
 from configs import digits
@@ -238,3 +240,79 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(dataset):
       jax.tree.leaves(whole.student.params),
     )
   )
+
+
+# --- host augmentation, the ImageNet config, bad configs ---------------------
+
+
+def test_host_views_are_keyed_by_seed_step_and_id():
+  image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8)
+  view = lambda *key: host_augment.train_view(
+    image, 16, host_augment.view_rng(*key), flip=True
+  )
+  assert view(0, 5, 7).shape == (16, 16, 3)
+  np.testing.assert_array_equal(view(0, 5, 7), view(0, 5, 7))
+  for other in ((1, 5, 7), (0, 6, 7), (0, 5, 8)):
+    assert not np.array_equal(view(*other), view(0, 5, 7))
+  assert host_augment.eval_view(image, 16).shape == (16, 16, 3)
+  rng = np.random.default_rng(1)
+  for _ in range(200):
+    top, left, h, w = host_augment.crop_box(40, 60, rng)
+    assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 60
+    assert h > 0 and w > 0
+
+
+@pytest.mark.slow  # about 30 s: three stages, compiled once each
+def test_imagenet_config_dry_run_on_mock_tfds(tmp_path):
+  """The ImageNet config end to end on TFDS's fake imagenet2012 (random
+  images of random sizes, read through tfds.data_source), shrunk to the
+  tiny CNN at 16x16."""
+  import tensorflow_datasets as tfds
+
+  from configs import imagenet_resnet152
+
+  config = imagenet_resnet152.get_config()
+  config.model = "tiny_cnn"
+  config.image_size = 16
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.num_epochs = 2
+  config.teacher_num_epochs = 1
+  config.stream_workers = 2
+  config.compilation_cache_dir = ""
+  with tfds.testing.mock_data(
+    num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE
+  ):
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["complete"] and len(results["history"]) == 2
+  assert np.isfinite(results["last"]["nll"])
+  saved = run_config.saved_config(str(tmp_path / "run"))
+  assert saved["input_pipeline"] == "stream" and saved["host_augment"]
+
+
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    ({"input_pipeline": "disk"}, "input_pipeline must be one of"),
+    ({"device_data_budget_gb": 0.0}, "device_data_budget_gb must be"),
+    ({"stream_workers": 0}, "stream_workers must be positive"),
+    (
+      {"host_augment": True, "input_pipeline": "device"},
+      "host_augment crops on the host",
+    ),
+    ({"host_augment": True, "image_size": 0}, "set --config.image_size"),
+    (
+      {"method": "cs_kd", "input_pipeline": "stream"},
+      "streamed batches do not carry",
+    ),
+    ({"dataset": "tfds:"}, "tfds:"),
+  ],
+)
+def test_bad_streaming_config_is_refused_in_one_line(changes, message):
+  config = digits.get_config()
+  config.update(changes)
+  with pytest.raises((run_config.ConfigError, ValueError)) as error:
+    run_config.validate(config)
+    data_lib.check_dataset_available(config.dataset)
+  assert message in str(error.value)
+  assert "\n" not in str(error.value)

@@ -168,9 +168,7 @@ def _read(
 ) -> Iterator[dict]:
   """Loads records with `workers` threads, in order, `batch_size` at a time."""
   dataset = grain.MapDataset.source(records).map(load).batch(batch_size)
-  options = grain.ReadOptions(
-    num_threads=workers, prefetch_buffer_size=2 * workers
-  )
+  options = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=workers)
   return iter(dataset.to_iter_dataset(options))
 
 

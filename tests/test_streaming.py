@@ -9,6 +9,7 @@ with the tiny CNN, on one device and on eight fake ones.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -158,6 +159,25 @@ def test_eight_devices_streamed_equals_device_resident(dataset, eight_devices):
   )
   np.testing.assert_array_equal(out["stream"]["test"], out["device"]["test"])
   _assert_bitwise_equal(out["stream"]["state"], out["device"]["state"])
+
+
+def test_streamed_online_teacher_equals_device_resident(dataset):
+  """AI-KD with an online teacher: it sees the streamed views."""
+  mesh = banks.data_mesh(jax.devices()[:1])
+  config = _config()
+  config.teacher_mode = "online"
+  states = []
+  for mode in ("device", "stream"):
+    data = _open(dataset, mesh, config, mode)
+    stage = _stage(config, data, mesh)
+    assert stage.teacher_model is not None
+    # Another seed's initial model as the teacher, so it differs from the
+    # student.
+    other = dataclasses.replace(stage, seed=stage.seed + 1)
+    variables = stage_lib.create_train_state(other, data, mesh).student
+    teacher = step_lib.Teacher(variables=variables.variables)
+    states.append(_train(stage, data, mesh, teacher))
+  _assert_bitwise_equal(states[1], states[0])
 
 
 def test_each_device_receives_only_its_own_rows(dataset, eight_devices):

@@ -99,6 +99,10 @@ def _stream_tfds(
 ) -> StreamedDataset:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  from aikd_jax import tfds_data  # pylint: disable=g-import-not-at-top
+
+  # Streaming reads a prepared copy; it never downloads one.
+  tfds_data.check_available(name, data_dir, download=False)
   info = tfds.builder(name, data_dir=data_dir).info
   if not len(config.mean):
     raise run_config.ConfigError(
@@ -113,8 +117,6 @@ def _stream_tfds(
       f"{name}'s images differ in size; stream it with "
       "--config.host_augment=True and --config.image_size=SIZE."
     )
-  from aikd_jax import tfds_data  # pylint: disable=g-import-not-at-top
-
   test_split = tfds_data.eval_split(name, data_dir)
   return _streamed(
     config,

@@ -17,13 +17,13 @@ from typing import Callable, ContextManager
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from aikd_jax import banks
 from aikd_jax import checkpointing
 from aikd_jax import data as data_lib
+from aikd_jax import input_pipeline
 from aikd_jax import metrics as metrics_lib
 from aikd_jax import results as results_lib
 from aikd_jax import run_config
@@ -34,7 +34,6 @@ from aikd_jax import workdir_lock
 from aikd_jax import writers
 from aikd_jax.checkpointing import CHECKPOINT_DIR
 from aikd_jax.device_data import DeviceDataset
-from aikd_jax.device_data import place_dataset
 from aikd_jax.objective import GRAD_CLIP_NORM
 from aikd_jax.objective import Objective
 from aikd_jax.objective import resolve_objective
@@ -203,6 +202,7 @@ def train_stage(
   try:
     for epoch in range(step // steps_per_epoch, stage.num_epochs):
       step_data = stage_lib.step_data(stage, data, mesh, epoch, teacher)
+      feed = input_pipeline.feed(step_data, stage, data, mesh, epoch, step)
       epoch_start, epoch_end = (
         epoch * steps_per_epoch,
         (epoch + 1) * steps_per_epoch,
@@ -211,7 +211,7 @@ def train_stage(
         first = step == start_step
         if first:
           console.compiling()
-        state, metrics = step_fn(state, step_data)
+        state, metrics = step_fn(state, next(feed))
         progress.add(metrics, step)
         step += 1
         if first:
@@ -241,7 +241,7 @@ def train_stage(
           stop_here(step)
       with time_phase("eval"), console.excluded("eval"):
         test, reliability = _evaluate(
-          stage, config, predict, state, data, epoch
+          stage, config, predict, state, data, epoch, mesh
         )
         progress.end_epoch(epoch, test, reliability)
         writer.write_scalars(step, {f"test/{k}": v for k, v in test.items()})
@@ -283,12 +283,12 @@ def _evaluate(
   state: step_lib.TrainState,
   data: DeviceDataset,
   epoch: int,
+  mesh: jax.sharding.Mesh,
 ) -> tuple[dict, dict]:
   """The test split's report and reliability diagram after `epoch`."""
-  logits = multihost_utils.process_allgather(
-    predict(state.student.variables, data.test_images), tiled=True
+  logits = input_pipeline.test_logits(
+    predict, state.student.variables, data, mesh, config.eval_batch_size
   )
-  logits = np.asarray(logits)[: len(data.test_labels)]
   if not np.all(np.isfinite(logits)):
     raise NonFiniteLossError(
       f"Training diverged in epoch {epoch} of the {stage.name} stage: "
@@ -513,14 +513,7 @@ def train_and_evaluate(
   try:
     objective, notes = check_inputs(config, workdir, teacher_only)
     mesh = banks.data_mesh()
-    dataset = data_lib.load_dataset(
-      config.dataset,
-      config.data_dir or None,
-      download=config.download,
-      split_seed=config.data_seed,
-      image_size=config.image_size or None,
-    )
-    data = place_dataset(dataset, mesh, config)
+    data = input_pipeline.open_dataset(config, mesh)
     logging.info(
       "%s: %d train / %d test examples, %d classes, %d devices.",
       config.dataset,

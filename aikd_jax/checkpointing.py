@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -197,6 +198,17 @@ def _quiet_stderr():
     os.close(saved)
 
 
+def _probe_folder_creation(directory: str) -> None:
+  """Raises OSError now if no step folder can be made in `directory`.
+
+  orbax's background writers wait for the step folder's creation with a
+  5-minute timeout and keep the process alive meanwhile, so a save that
+  cannot create it would hold the exit that long after the error.
+  """
+  os.makedirs(directory, exist_ok=True)
+  os.rmdir(tempfile.mkdtemp(prefix="write-probe-", dir=directory))
+
+
 class StageCheckpoints:
   """The checkpoints of one training stage."""
 
@@ -231,6 +243,7 @@ class StageCheckpoints:
     self.wait()
     progress = json.loads(json.dumps(progress))
     with self._write_errors(step):
+      _probe_folder_creation(self.directory)
       self._manager.save(
         step,
         args=ocp.args.Composite(

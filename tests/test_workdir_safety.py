@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import e2e_util as u
@@ -234,6 +235,14 @@ def test_a_failed_save_is_one_error_and_keeps_the_previous_one(tmp_path):
     assert f"checkpoint of step 2 to {directory}" in message, message
     assert "the checkpoint of step 1 is intact" in message, message
     assert "\n" not in message
+    # Nothing of the failed save is left waiting in the background: orbax's
+    # writers would otherwise hold the process's exit for 5 minutes.
+    waiting = [
+      t.name
+      for t in threading.enumerate()
+      if type(t).__name__ == "_SignalingThread" and t.is_alive()
+    ]
+    assert not waiting, waiting
   finally:
     if os.path.isfile(directory):
       os.remove(directory)

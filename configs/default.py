@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   # saves the host's launch cost per step on a fast GPU. Every value above
   # 1 gives bitwise the same run; 1 (the plain step) equals them only to
   # float rounding. The default is to be chosen from a GPU measurement
-  # (benchmarks/gpu_check.sh), not made yet.
+  # (benchmarks/gpu_check.sh), not made yet; on a CPU the loop is much
+  # slower (README, Performance), so keep 1 there.
   config.steps_per_dispatch = 1
   return config

@@ -20,6 +20,11 @@ import test_train_step as tts
 from aikd_jax import banks
 from aikd_jax import dispatch
 
+# Compiled with most XLA optimisations off (conftest.py), like
+# test_train_step: about half the compile time. The whole runs of
+# test_dispatch_loop.py check the same equalities on optimised programs.
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
 N, C, B = 64, 10, 16
 K = 3
 

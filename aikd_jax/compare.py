@@ -38,10 +38,8 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
-from aikd_jax import checkpointing
 from aikd_jax import cli
 from aikd_jax import compilation_cache
-from aikd_jax import data as data_lib
 from aikd_jax import objective as objective_lib
 from aikd_jax import report as report_lib
 from aikd_jax import results as results_lib
@@ -183,11 +181,7 @@ def check_comparison(
       "config.teacher_checkpoint must be empty: the comparison trains one "
       "teacher per seed (DIR/teachers/seed<s>) and points the runs at it."
     )
-  run_config.validate(config)
-  run_config.check_workdir(workdir)
-  data_lib.check_dataset_available(
-    config.dataset, config.data_dir or None, download=config.download
-  )
+  train.check_config(config, workdir)
   # The comparison's own config.json: the base config the runs derive from.
   notes = run_config.compare_with_saved(
     config, workdir, ignore=frozenset({"method"})
@@ -199,12 +193,7 @@ def check_comparison(
   for _, seed, path in teachers:
     cfg = teacher_config(config, seed)
     folder = os.path.join(workdir, path)
-    notes += run_config.compare_with_saved(
-      cfg, folder, run_config.STUDENT_ONLY_FIELDS
-    )
-    checkpointing.verify_latest(
-      os.path.join(folder, "teacher", train.CHECKPOINT_DIR)
-    )
+    notes += train.check_run_folder(cfg, folder, run_config.STUDENT_ONLY_FIELDS)
   for run in runs:
     cfg = student_config(config, run, workdir)
     folder = os.path.join(workdir, run.workdir)
@@ -212,11 +201,7 @@ def check_comparison(
     unchecked = copy.deepcopy(cfg)
     unchecked.teacher_checkpoint = ""
     run_config.validate(unchecked)
-    notes += run_config.compare_with_saved(cfg, folder)
-    for stage in ("teacher", "student"):
-      checkpointing.verify_latest(
-        os.path.join(folder, stage, train.CHECKPOINT_DIR)
-      )
+    notes += train.check_run_folder(cfg, folder)
   for note in notes:
     logging.warning("Config change accepted on resume:%s", note)
   return runs

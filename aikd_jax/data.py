@@ -8,6 +8,8 @@ names the datasets and dispatches; each source has its own module:
 * ``'digits'``: scikit-learn's bundled 8x8 digits (no download), here.
 * ``'cifar10'``, ``'cifar100'``: TensorFlow Datasets (`tfds_data`), which
   fails within seconds offline (`reachability`) instead of retrying.
+* ``'tfds:NAME'``: any TFDS image-classification dataset (features
+  'image' and 'label'), e.g. tfds:imagenet2012 (streamed: see streaming).
 * ``'folder:/path/to/root'``: your own class folders (`folder_data`), read
   with Pillow: no TensorFlow needed.
 
@@ -27,6 +29,7 @@ import numpy as np
 
 KNOWN_DATASETS = ("digits", "cifar10", "cifar100")
 FOLDER_PREFIX = "folder:"
+TFDS_PREFIX = "tfds:"
 
 # The source modules import this one (for Dataset and the error), so they are
 # imported where used; that also keeps TFDS out of `import aikd_jax.data`.
@@ -257,6 +260,13 @@ def _parse_name(name: str) -> tuple[str, str]:
     return "folder", os.path.abspath(os.path.expanduser(path))
   if name == "digits":
     return "digits", ""
+  if name.startswith(TFDS_PREFIX):
+    tfds_name = name[len(TFDS_PREFIX) :].strip()
+    if not tfds_name:
+      raise ValueError(
+        f"{name!r}: the tfds: syntax needs a name, e.g. tfds:mnist."
+      )
+    return "tfds", tfds_name
   if name in KNOWN_DATASETS:
     return "tfds", name
   raise ValueError(

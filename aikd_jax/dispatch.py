@@ -11,6 +11,19 @@ a run starts or resumes.
 
 from __future__ import annotations
 
+from aikd_jax.run_config import ConfigError
+
+
+def check_data(steps_per_dispatch: int, streamed: bool) -> None:
+  """Refuses K > 1 on a streamed training split: a call of K steps reads
+  the dataset on the devices, not K batches from the host."""
+  if steps_per_dispatch > 1 and streamed:
+    raise ConfigError(
+      f"steps_per_dispatch={steps_per_dispatch} needs the training split on "
+      "the devices, but this run streams it from the host; use "
+      "steps_per_dispatch=1 (or input_pipeline=device if it fits)."
+    )
+
 
 def call_length(step: int, epoch_end: int, steps_per_dispatch: int) -> int:
   """How many steps the call starting at `step` runs: K, or the epoch's

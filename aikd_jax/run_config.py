@@ -40,6 +40,11 @@ RESULT_NEUTRAL_FIELDS = frozenset(
     "keep_checkpoints",
     "data_dir",
     "download",
+    # Streamed batches equal the device-resident ones (host_augment aside).
+    "input_pipeline",
+    "device_data_budget_gb",
+    "stream_workers",
+    "stream_prefetch",
   }
 )
 # Fields that may grow between runs (checked against the progress made).
@@ -77,12 +82,15 @@ def validate(config: ml_collections.ConfigDict) -> Objective:
   if not (
     config.dataset in data_lib.KNOWN_DATASETS
     or str(config.dataset).startswith(data_lib.FOLDER_PREFIX)
+    or str(config.dataset).startswith(data_lib.TFDS_PREFIX)
   ):
     raise ConfigError(
       f"Unknown dataset {config.dataset!r}; choose one of "
-      f"{', '.join(data_lib.KNOWN_DATASETS)} or "
-      f"{data_lib.FOLDER_PREFIX}/path/to/images."
+      f"{', '.join(data_lib.KNOWN_DATASETS)}, "
+      f"{data_lib.FOLDER_PREFIX}/path/to/images or "
+      f"{data_lib.TFDS_PREFIX}NAME."
     )
+  _validate_input_pipeline(config, objective)
   for field in ("compute_dtype", "bank_dtype"):
     if config[field] not in DTYPES:
       raise ConfigError(
@@ -134,6 +142,42 @@ def validate(config: ml_collections.ConfigDict) -> Objective:
       f"teacher_checkpoint {config.teacher_checkpoint!r} is not a directory."
     )
   return objective
+
+
+INPUT_PIPELINES = ("auto", "device", "stream")
+
+
+def _validate_input_pipeline(
+  config: ml_collections.ConfigDict, objective: Objective
+) -> None:
+  """The streaming fields: known values, and combinations that can run."""
+  if config.input_pipeline not in INPUT_PIPELINES:
+    raise ConfigError(
+      f"input_pipeline must be one of {INPUT_PIPELINES}, got "
+      f"{config.input_pipeline!r}."
+    )
+  if not config.device_data_budget_gb > 0:
+    raise ConfigError(
+      "device_data_budget_gb must be positive, got "
+      f"{config.device_data_budget_gb}."
+    )
+  for field in ("stream_workers", "stream_prefetch"):
+    if not config[field] > 0:
+      raise ConfigError(f"{field} must be positive, got {config[field]}.")
+  if config.host_augment and config.input_pipeline == "device":
+    raise ConfigError(
+      "host_augment crops on the host, so it needs "
+      "input_pipeline='stream' (or 'auto'), not 'device'."
+    )
+  if config.host_augment and not config.image_size > 0:
+    raise ConfigError(
+      "host_augment crops to image_size; set --config.image_size (e.g. 224)."
+    )
+  if objective.uses_partners and config.input_pipeline == "stream":
+    raise ConfigError(
+      f"method {config.method!r} reads same-class partner images, which "
+      "streamed batches do not carry; use input_pipeline='device'."
+    )
 
 
 def check_workdir(workdir: str) -> None:
@@ -192,6 +236,12 @@ LEGACY_VALUES = {
   "grad_clip_norm": (0.0, None),
   "steps_per_dispatch": (1, 1),  # One step per call.
   "checkpoint_every_minutes": (0.0, 0.0),  # By epochs.
+  # Before streaming, every split lived on the devices.
+  "input_pipeline": ("auto", "auto"),
+  "device_data_budget_gb": (4.0, 4.0),
+  "host_augment": (False, False),
+  "stream_workers": (8, 8),
+  "stream_prefetch": (2, 2),
 }
 
 

@@ -117,6 +117,7 @@ def build_stage(
       mean=data.mean,
       std=data.std,
       sync_batch_norm=config.sync_batch_norm,
+      host_augment=bool(getattr(data, "host_augment", False)),
     ),
     model=models.create_model(
       config.model, data.num_classes, dtype, bn_axis_name=bn_axis

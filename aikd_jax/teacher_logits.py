@@ -20,6 +20,7 @@ import numpy as np
 
 from aikd_jax import banks
 from aikd_jax import checkpointing
+from aikd_jax import input_pipeline
 from aikd_jax import metrics as metrics_lib
 from aikd_jax import results as results_lib
 from aikd_jax import stage as stage_lib
@@ -63,7 +64,9 @@ def compute_or_load(
     predict = stage_lib.make_predict_fn(
       teacher_stage, data, mesh, config.eval_batch_size
     )
-    logits = predict(teacher.variables, data.train_images)
+    logits = input_pipeline.train_logits_by_id(
+      predict, teacher.variables, data, mesh, config.eval_batch_size
+    )
     bank = logits.astype(config.bank_dtype)
     host = np.asarray(multihost_utils.process_allgather(logits, tiled=True))
     valid = data.train_labels_by_id >= 0

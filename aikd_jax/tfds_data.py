@@ -66,10 +66,11 @@ def load(name: str, data_dir: str | None, download: bool) -> data.Dataset:
   if state == "sources":
     arrays = [
       _read_source(name, split, source)
-      for split, source in zip(("train", "test"), found)
+      for split, source in zip(("train", eval_split(name, data_dir)), found)
     ]
   else:
-    arrays = [_read_tfrecord(found, split) for split in ("train", "test")]
+    splits = ("train", eval_split(name, data_dir))
+    arrays = [_read_tfrecord(found, split) for split in splits]
   label_feature = tfds.builder(name, data_dir=data_dir).info.features["label"]
   (train_images, train_labels), (test_images, test_labels) = arrays
   return data.Dataset(
@@ -83,6 +84,14 @@ def load(name: str, data_dir: str | None, download: bool) -> data.Dataset:
   )
 
 
+def eval_split(name: str, data_dir: str | None) -> str:
+  """'test', or 'validation' for a dataset without a test split (ImageNet)."""
+  splits = tfds.builder(name, data_dir=data_dir).info.splits
+  return (
+    "validation" if "test" not in splits and "validation" in splits else "test"
+  )
+
+
 def _probe(name: str, data_dir: str | None) -> tuple[str, Any]:
   """('sources', [train, test]), ('tfrecord', builder) or ('missing', builder).
 
@@ -92,7 +101,10 @@ def _probe(name: str, data_dir: str | None) -> tuple[str, Any]:
   try:
     return "sources", list(
       tfds.data_source(
-        name, split=["train", "test"], data_dir=data_dir, download=False
+        name,
+        split=["train", eval_split(name, data_dir)],
+        data_dir=data_dir,
+        download=False,
       )
     )
   except Exception as e:  # pylint: disable=broad-except

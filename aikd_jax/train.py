@@ -17,7 +17,6 @@ from typing import Callable, ContextManager
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -26,17 +25,18 @@ from aikd_jax import checkpoint_policy
 from aikd_jax import checkpointing
 from aikd_jax import data as data_lib
 from aikd_jax import dispatch
+from aikd_jax import input_pipeline
 from aikd_jax import metrics as metrics_lib
 from aikd_jax import results as results_lib
 from aikd_jax import run_config
 from aikd_jax import stage as stage_lib
+from aikd_jax import streaming
 from aikd_jax import teacher_logits
 from aikd_jax import train_step as step_lib
 from aikd_jax import workdir_lock
 from aikd_jax import writers
 from aikd_jax.checkpointing import CHECKPOINT_DIR
 from aikd_jax.device_data import DeviceDataset
-from aikd_jax.device_data import place_dataset
 from aikd_jax.objective import GRAD_CLIP_NORM
 from aikd_jax.objective import Objective
 from aikd_jax.objective import resolve_objective
@@ -214,6 +214,7 @@ def train_stage(
   try:
     for epoch in range(step // steps_per_epoch, stage.num_epochs):
       step_data = stage_lib.step_data(stage, data, mesh, epoch, teacher)
+      feed = input_pipeline.feed(step_data, stage, data, mesh, epoch, step)
       epoch_start, epoch_end = (
         epoch * steps_per_epoch,
         (epoch + 1) * steps_per_epoch,
@@ -223,11 +224,11 @@ def train_stage(
         if first:
           console.compiling()
         count = dispatch.call_length(step, epoch_end, per_call)
-        if per_call > 1:
+        if per_call > 1:  # Device-resident data only (dispatch.check_data).
           state, metrics = step_fn(state, step_data, np.int32(count))
           progress.add_steps(metrics, step, count)
         else:
-          state, metrics = step_fn(state, step_data)
+          state, metrics = step_fn(state, next(feed))
           progress.add(metrics, step)
         before, step = step, step + count
         if first:
@@ -261,7 +262,7 @@ def train_stage(
           stop_here(step)
       with time_phase("eval"), console.excluded("eval"):
         test, reliability = _evaluate(
-          stage, config, predict, state, data, epoch
+          stage, config, predict, state, data, epoch, mesh
         )
         progress.end_epoch(epoch, test, reliability)
         writer.write_scalars(step, {f"test/{k}": v for k, v in test.items()})
@@ -301,12 +302,12 @@ def _evaluate(
   state: step_lib.TrainState,
   data: DeviceDataset,
   epoch: int,
+  mesh: jax.sharding.Mesh,
 ) -> tuple[dict, dict]:
   """The test split's report and reliability diagram after `epoch`."""
-  logits = multihost_utils.process_allgather(
-    predict(state.student.variables, data.test_images), tiled=True
+  logits = input_pipeline.test_logits(
+    predict, state.student.variables, data, mesh, config.eval_batch_size
   )
-  logits = np.asarray(logits)[: len(data.test_labels)]
   if not np.all(np.isfinite(logits)):
     raise NonFiniteLossError(
       f"Training diverged in epoch {epoch} of the {stage.name} stage: "
@@ -403,14 +404,41 @@ def _teacher_stage(
   return stage, teacher
 
 
+def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The checks that need nothing from the workdir: they run before it is
+  locked (or created), so a run they refuse never touches it."""
+  run_config.validate(config)
+  run_config.check_workdir(workdir)
+  data_lib.check_dataset_available(
+    config.dataset, config.data_dir or None, download=config.download
+  )
+
+
+def check_run_folder(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  ignore: frozenset = frozenset(),
+) -> list[str]:
+  """A run folder accepts `config` (its saved config allows the change) and
+  the newest checkpoint of each of its stages is whole.
+
+  Returns:
+    The log lines of accepted changes.
+  """
+  notes = run_config.compare_with_saved(config, workdir, ignore)
+  for stage in STAGES:
+    checkpointing.verify_latest(os.path.join(workdir, stage, CHECKPOINT_DIR))
+  return notes
+
+
 def check_inputs(
   config: ml_collections.ConfigDict, workdir: str, teacher_only: bool = False
 ) -> tuple[Objective, list[str]]:
-  """Every check that must pass before anything is computed or written.
+  """The checks on the workdir, after `check_config` and under its lock.
 
-  Reads the workdir, writes nothing (the lock aside: see
-  train_and_evaluate). A field the workdir's config predates takes the
-  value it was started with (run_config.adopt_legacy_values), in `config`.
+  Reads the workdir, writes nothing. A field the workdir's config predates
+  takes the value it was started with (run_config.adopt_legacy_values), in
+  `config`.
 
   Returns:
     The objective, and the log lines of accepted changes.
@@ -418,15 +446,10 @@ def check_inputs(
   notes = [
     f" {line}" for line in run_config.adopt_legacy_values(config, workdir)
   ]
-  objective = run_config.validate(config)
-  run_config.check_workdir(workdir)
-  data_lib.check_dataset_available(
-    config.dataset, config.data_dir or None, download=config.download
-  )
+  # Legacy values are ones a run was started with: valid by construction.
+  objective = run_config.objective_from_config(config)
   ignore = run_config.STUDENT_ONLY_FIELDS if teacher_only else frozenset()
-  notes += run_config.compare_with_saved(config, workdir, ignore)
-  for stage in STAGES:
-    checkpointing.verify_latest(os.path.join(workdir, stage, CHECKPOINT_DIR))
+  notes += check_run_folder(config, workdir, ignore)
   if teacher_only or objective.uses_teacher:
     _check_teacher_weights(config, workdir)
   return objective, notes
@@ -502,24 +525,17 @@ def train_and_evaluate(
   Its config is recorded only once every check has passed, the data's
   included: a refused run leaves the workdir as it found it.
   """
-  # Checks that need no lock come first: a run refused by them never
-  # touches the workdir.
-  run_config.validate(config)
-  run_config.check_workdir(workdir)
+  check_config(config, workdir)
   lock = workdir_lock.WorkdirLock(workdir)
   lock.acquire()
   accepted = False
   try:
     objective, notes = check_inputs(config, workdir, teacher_only)
     mesh = banks.data_mesh()
-    dataset = data_lib.load_dataset(
-      config.dataset,
-      config.data_dir or None,
-      download=config.download,
-      split_seed=config.data_seed,
-      image_size=config.image_size or None,
+    data = input_pipeline.open_dataset(config, mesh)
+    dispatch.check_data(
+      config.steps_per_dispatch, isinstance(data, streaming.StreamedDataset)
     )
-    data = place_dataset(dataset, mesh, config)
     logging.info(
       "%s: %d train / %d test examples, %d classes, %d devices.",
       config.dataset,

@@ -66,21 +66,42 @@ class Teacher:
 
 
 @flax.struct.dataclass
-class StepData:
-  """What the step reads but never writes.
+class StreamedBatch:
+  """One step's examples, prepared on the host (streaming.py).
 
-  images/labels: rows by example id, sharded over `data`.
-  epoch_order: each device's local rows in this epoch's order (banks.py).
-  teacher: the pre-trained model; None unless the objective uses one.
-  partner_rows: CS-KD's same-class local partner of each row (this epoch);
-    None unless the objective uses partners.
+  Each array is [per_device_batch * D, ...], sharded over `data`: device d's
+  block holds only examples whose bank rows it owns, so the banks stay local.
+
+  images: uint8 [B, H, W, C]; raw (the step augments them as it does
+    device-resident images) or already cropped and flipped on the host.
+  labels: int32 [B].
+  rows: int32 [B], each example's local bank row on its device.
   """
 
   images: jax.Array
   labels: jax.Array
-  epoch_order: jax.Array
+  rows: jax.Array
+
+
+@flax.struct.dataclass
+class StepData:
+  """What the step reads but never writes.
+
+  images/labels: rows by example id, sharded over `data`; None when
+    `batch` brings the step's examples instead.
+  epoch_order: each device's local rows in this epoch's order (banks.py).
+  teacher: the pre-trained model; None unless the objective uses one.
+  partner_rows: CS-KD's same-class local partner of each row (this epoch);
+    None unless the objective uses partners.
+  batch: this step's streamed examples; None for device-resident data.
+  """
+
+  images: jax.Array | None
+  labels: jax.Array | None
+  epoch_order: jax.Array | None
   teacher: Teacher | None = None
   partner_rows: jax.Array | None = None
+  batch: StreamedBatch | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +120,8 @@ class StepConfig:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   sync_batch_norm: bool = True
+  # Streamed images arrive cropped and flipped: the step only normalises.
+  host_augment: bool = False
 
 
 def create_classifier_state(
@@ -148,6 +171,23 @@ def model_rngs(key: jax.Array) -> dict[str, jax.Array]:
   return {SHAKEDROP_RNG: jax.random.fold_in(key, _MODEL_STREAM)}
 
 
+def _step_examples(
+  data: StepData, step: jax.Array, config: StepConfig
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """This step's local bank rows, uint8 images and labels on one device.
+
+  From the device-resident split at this step's slice of the epoch order,
+  or from the host's streamed batch, which the host built from the same
+  slice (streaming.py): either way the rows are local.
+  """
+  if data.batch is not None:
+    return data.batch.rows, data.batch.images, data.batch.labels
+  batch = config.per_device_batch
+  start = (step % config.steps_per_epoch) * batch
+  rows = lax.dynamic_slice_in_dim(data.epoch_order, start, batch)
+  return rows, data.images[rows], data.labels[rows]
+
+
 def _local_train_step(
   state: TrainState,
   data: StepData,
@@ -163,14 +203,12 @@ def _local_train_step(
   student, discriminator_state = state.student, state.discriminator
   step = student.step
   epoch = step // config.steps_per_epoch
-  batch = config.per_device_batch
-  start = (step % config.steps_per_epoch) * batch
-  rows = lax.dynamic_slice_in_dim(data.epoch_order, start, batch)
+  rows, raw_images, labels = _step_examples(data, step, config)
   ids = rows + lax.axis_index(DATA_AXIS) * config.rows_per_device
 
   key = augmentation_key(config.seed, step)
-  augment = lambda rows, ids, key: augment_lib.augment(
-    data.images[rows],
+  augment = lambda images, ids, key: augment_lib.augment(
+    images,
     ids,
     key,
     pad=config.crop_padding,
@@ -178,13 +216,17 @@ def _local_train_step(
     mean=config.mean,
     std=config.std,
   )
-  images = augment(rows, ids, key)
-  labels = data.labels[rows]
+  if config.host_augment:
+    images = augment_lib.normalize(raw_images, config.mean, config.std)
+  else:
+    images = augment(raw_images, ids, key)
   if objective.uses_partners:
+    if data.batch is not None:
+      raise ValueError("Streamed batches carry no CS-KD partner images.")
     partners = data.partner_rows[rows]
     partner_ids = partners + (ids - rows)
     partner_key = jax.random.fold_in(key, _PARTNER_STREAM)
-    partner_images = augment(partners, partner_ids, partner_key)
+    partner_images = augment(data.images[partners], partner_ids, partner_key)
 
   teacher_logits = None
   if objective.uses_teacher:
@@ -395,6 +437,7 @@ def make_train_step(
       Teacher(logits=sharded, variables=P()) if objective.uses_teacher else None
     ),
     partner_rows=sharded,
+    batch=sharded,
   )
   num_steps_spec = (P(),) if steps_per_dispatch > 1 else ()
   mapped = jax.shard_map(

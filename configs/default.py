@@ -12,7 +12,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data.
-  config.dataset = "cifar100"  # cifar10 | cifar100 | digits | folder:/path
+  # cifar10 | cifar100 | digits | folder:/path | tfds:NAME (any TFDS image
+  # classification dataset with image and label features)
+  config.dataset = "cifar100"
   config.data_dir = ""  # TFDS data dir; empty: $TFDS_DATA_DIR or TFDS's own
   config.download = True  # let TFDS download a missing dataset
   config.image_size = 0  # folder datasets: resize to this size (0: as stored)
@@ -22,6 +24,17 @@ def get_config() -> ml_collections.ConfigDict:
   # Normalisation; empty tuples mean "per-channel stats of the train split".
   config.mean = (0.4914, 0.4822, 0.4465)
   config.std = (0.2023, 0.1994, 0.2010)
+  # Where the training split lives: "device" (all of it on the devices),
+  # "stream" (each step's batch read on the host), or "auto" (stream when
+  # the split takes more than device_data_budget_gb per device).
+  config.input_pipeline = "auto"
+  config.device_data_budget_gb = 4.0
+  # Streaming only: random-resized crop to image_size and flip on the host
+  # (for images of different sizes, e.g. ImageNet) instead of the device's
+  # pad-crop and flip; evaluation then centre-crops to image_size.
+  config.host_augment = False
+  config.stream_workers = 8  # host threads reading and augmenting
+  config.stream_prefetch = 2  # batches sent to the devices ahead of use
 
   # Model and numerics.
   config.model = "preact_resnet18"  # any of aikd_jax.models.MODEL_NAMES

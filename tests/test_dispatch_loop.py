@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from aikd_jax import checkpointing
+from aikd_jax import dispatch
 from aikd_jax import preemption
 from aikd_jax import progress as progress_lib
 from aikd_jax import run_config
@@ -169,3 +170,10 @@ def test_runs_with_any_k_above_one_and_a_resume_end_bitwise_equal(
   monkeypatch.setattr(train, "SignalFlag", preemption.SignalFlag)
   train.train_and_evaluate(_short_config(2), stopped)
   _assert_same(reference, _final(stopped))
+
+
+def test_k_above_one_is_refused_for_a_streamed_split():
+  dispatch.check_data(1, streamed=True)
+  dispatch.check_data(4, streamed=False)
+  with pytest.raises(run_config.ConfigError, match="streams it"):
+    dispatch.check_data(4, streamed=True)

@@ -67,6 +67,22 @@ def accumulate(totals: dict, metrics: dict, step: jax.Array) -> dict:
 
 
 @jax.jit
+def accumulate_steps(
+  totals: dict, stacked: dict, first_step: jax.Array, num_steps: jax.Array
+) -> dict:
+  """`accumulate` for the first `num_steps` rows of stacked metrics (one
+  call of a several-steps-per-dispatch step), row i being step
+  first_step + i: the same sums, peaks and first bad step as one call of
+  `accumulate` per step, in one dispatch."""
+
+  def body(i, totals):
+    row = jax.tree.map(lambda v: v[i], stacked)
+    return accumulate(totals, row, first_step + i)
+
+  return jax.lax.fori_loop(0, num_steps, body, totals)
+
+
+@jax.jit
 def reset_peaks(totals: dict) -> dict:
   return {
     **totals,
@@ -139,6 +155,15 @@ class Progress:
     if self.totals is None:
       self.totals = no_totals(metrics)
     self.totals = accumulate(self.totals, metrics, step)
+
+  def add_steps(self, stacked: dict, first_step: int, num_steps: int) -> None:
+    """Adds steps first_step .. first_step + num_steps - 1, whose metrics
+    are the first rows of `stacked` (no host sync)."""
+    if self.totals is None:
+      self.totals = no_totals(jax.tree.map(lambda v: v[0], stacked))
+    self.totals = accumulate_steps(
+      self.totals, stacked, np.int32(first_step), np.int32(num_steps)
+    )
 
   def read(self, steps_in_epoch: int) -> dict[str, float] | None:
     """Reads the totals after the epoch's `steps_in_epoch`-th step.

@@ -36,6 +36,7 @@ RESULT_NEUTRAL_FIELDS = frozenset(
     "compilation_cache_dir",
     "eval_batch_size",
     "checkpoint_every_epochs",
+    "checkpoint_every_minutes",
     "keep_checkpoints",
     "data_dir",
     "download",
@@ -102,6 +103,7 @@ def validate(config: ml_collections.ConfigDict) -> Objective:
     "log_every_steps",
     "checkpoint_every_epochs",
     "keep_checkpoints",
+    "steps_per_dispatch",
   )
   for field in positive:
     if not config[field] > 0:
@@ -117,6 +119,7 @@ def validate(config: ml_collections.ConfigDict) -> Objective:
     "weight_decay",
     "crop_padding",
     "warmup_epochs",
+    "checkpoint_every_minutes",
   ):
     if config[field] < 0:
       raise ConfigError(f"{field} must be non-negative, got {config[field]}.")
@@ -231,6 +234,8 @@ LEGACY_VALUES = {
   "warmup_epochs": (0.0, 0.0),  # No warmup.
   # No clipping; its default was 0.0 before the presets chose theirs.
   "grad_clip_norm": (0.0, None),
+  "steps_per_dispatch": (1, 1),  # One step per call.
+  "checkpoint_every_minutes": (0.0, 0.0),  # By epochs.
   # Before streaming, every split lived on the devices.
   "input_pipeline": ("auto", "auto"),
   "device_data_budget_gb": (4.0, 4.0),
@@ -238,6 +243,16 @@ LEGACY_VALUES = {
   "stream_workers": (8, 8),
   "stream_prefetch": (2, 2),
 }
+
+
+def _same_program_kind(field: str, old: Any, new: Any) -> bool:
+  """Whether a change of `field` keeps the result bit for bit.
+
+  Every steps_per_dispatch above 1 runs the same compiled loop body, so
+  they give the same run; 1 runs the plain step, equal to them only to
+  float rounding.
+  """
+  return field == "steps_per_dispatch" and min(old, 2) == min(new, 2)
 
 
 def _started_config(workdir: str) -> dict[str, Any] | None:
@@ -337,6 +352,7 @@ def compare_with_saved(
     if (
       field in RESULT_NEUTRAL_FIELDS
       or field in EXTENDABLE_FIELDS
+      or _same_program_kind(field, old, new)
       or (same_objective and field in ("method",) + OVERRIDABLE_FIELDS)
     ):
       notes.append(line)

@@ -166,8 +166,11 @@ def create_train_state(
   return step_lib.TrainState(student, discriminator, bank)
 
 
-def make_train_step(stage: Stage, mesh: jax.sharding.Mesh):
-  """The stage's jitted `step(state, data) -> (state, metrics)`."""
+def make_train_step(
+  stage: Stage, mesh: jax.sharding.Mesh, steps_per_dispatch: int = 1
+):
+  """The stage's jitted `step(state, data) -> (state, metrics)`; with
+  `steps_per_dispatch` K > 1, K steps per call, metrics stacked to [K]."""
   return step_lib.make_train_step(
     mesh,
     stage.step_config,
@@ -175,6 +178,7 @@ def make_train_step(stage: Stage, mesh: jax.sharding.Mesh):
     discriminator=stage.discriminator,
     learning_rate=stage.learning_rate,
     teacher_model=stage.teacher_model,
+    steps_per_dispatch=steps_per_dispatch,
   )
 
 

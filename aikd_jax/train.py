@@ -21,13 +21,16 @@ import ml_collections
 import numpy as np
 
 from aikd_jax import banks
+from aikd_jax import checkpoint_policy
 from aikd_jax import checkpointing
 from aikd_jax import data as data_lib
+from aikd_jax import dispatch
 from aikd_jax import input_pipeline
 from aikd_jax import metrics as metrics_lib
 from aikd_jax import results as results_lib
 from aikd_jax import run_config
 from aikd_jax import stage as stage_lib
+from aikd_jax import streaming
 from aikd_jax import teacher_logits
 from aikd_jax import train_step as step_lib
 from aikd_jax import workdir_lock
@@ -121,8 +124,9 @@ def train_stage(
   """Trains `stage` to its last epoch, resuming from its checkpoints.
 
   Evaluates on the test split after every epoch, saves a checkpoint every
-  `config.checkpoint_every_epochs` epochs and at the end, then writes the
-  stage's results file.
+  `config.checkpoint_every_epochs` epochs (or, with
+  `config.checkpoint_every_minutes`, by wall time: checkpoint_policy.py)
+  and at the end, then writes the stage's results file.
 
   Args:
     teacher: the pre-trained model, for an objective that uses one.
@@ -165,7 +169,10 @@ def train_stage(
       reached,
       time.monotonic() - start,
     )
-  step_fn = stage_lib.make_train_step(stage, mesh)
+  # Several steps per call (dispatch.py): logs, signals and the divergence
+  # check then act after the call that reaches their step.
+  per_call = config.steps_per_dispatch
+  step_fn = stage_lib.make_train_step(stage, mesh, per_call)
   predict = stage_lib.make_predict_fn(stage, data, mesh, config.eval_batch_size)
   # The console gets ConsoleReport's lines; TensorBoard every scalar.
   writer = writers.create_writer(
@@ -183,7 +190,12 @@ def train_stage(
   if latest is None:
     writer.write_hparams(config.to_dict())
 
+  policy = checkpoint_policy.CheckpointPolicy(
+    config.checkpoint_every_epochs, config.checkpoint_every_minutes
+  )
+
   def save(step: int) -> None:
+    policy.saved()
     with time_phase("checkpoint"), console.excluded("checkpoint"):
       checkpoints.save(step, state, progress.saved())
 
@@ -211,13 +223,20 @@ def train_stage(
         first = step == start_step
         if first:
           console.compiling()
-        state, metrics = step_fn(state, next(feed))
-        progress.add(metrics, step)
-        step += 1
+        count = dispatch.call_length(step, epoch_end, per_call)
+        if per_call > 1:  # Device-resident data only (dispatch.check_data).
+          state, metrics = step_fn(state, step_data, np.int32(count))
+          progress.add_steps(metrics, step, count)
+        else:
+          state, metrics = step_fn(state, next(feed))
+          progress.add(metrics, step)
+        before, step = step, step + count
         if first:
           jax.block_until_ready(metrics)
           console.compiled(step)
-        sync_point = step == epoch_end or step % config.log_every_steps == 0
+        sync_point = step == epoch_end or dispatch.crossed(
+          before, step, config.log_every_steps
+        )
         stop = signals.stop_agreed(sync_point)
         if sync_point or stop:
           with time_phase("log"):
@@ -237,6 +256,8 @@ def train_stage(
             if scalars is not None:
               rates = console.interval(step, scalars)
               writer.write_scalars(step, scalars | rates)
+          if not stop and step < epoch_end and policy.at_log_step():
+            save(step)
         if stop and step < epoch_end:
           stop_here(step)
       with time_phase("eval"), console.excluded("eval"):
@@ -255,9 +276,7 @@ def train_stage(
               )
             },
           )
-      if step == total_steps or (
-        (epoch + 1) % config.checkpoint_every_epochs == 0
-      ):
+      if policy.at_epoch_end(epoch, step == total_steps):
         save(step)
       console.end_epoch(epoch, test)
       if stop and step < total_steps:
@@ -514,6 +533,9 @@ def train_and_evaluate(
     objective, notes = check_inputs(config, workdir, teacher_only)
     mesh = banks.data_mesh()
     data = input_pipeline.open_dataset(config, mesh)
+    dispatch.check_data(
+      config.steps_per_dispatch, isinstance(data, streaming.StreamedDataset)
+    )
     logging.info(
       "%s: %d train / %d test examples, %d classes, %d devices.",
       config.dataset,

@@ -346,6 +346,41 @@ def _local_train_step(
   return TrainState(new_student, new_discriminator, bank), metrics
 
 
+def repeat_step(local_step: Callable, max_steps: int) -> Callable:
+  """Up to `max_steps` consecutive calls of `local_step` as one loop.
+
+  Returns `run(state, data, num_steps)`: `num_steps` (a traced int32, at
+  most `max_steps`) iterations of a `lax.fori_loop`, each step's metrics
+  written to row i of buffers of `max_steps` rows (rows past `num_steps`
+  stay zero). The trip count is an argument, not a constant, so one
+  program runs a full call and an epoch's shorter last one, and XLA cannot
+  unroll or specialise the loop: every step of every call runs the same
+  compiled loop body, whatever `max_steps` is, which keeps the results of
+  different `max_steps` bitwise equal. The carry is the whole (donated)
+  state, so the bank is updated in place.
+  """
+
+  def run(state, data, num_steps):
+    _, shapes = jax.eval_shape(local_step, state, data)
+    buffers = jax.tree.map(
+      lambda s: jnp.zeros((max_steps,) + s.shape, s.dtype), shapes
+    )
+
+    def body(i, carry):
+      state, buffers = carry
+      state, metrics = local_step(state, data)
+      buffers = jax.tree.map(
+        lambda buf, m: lax.dynamic_update_index_in_dim(buf, m, i, 0),
+        buffers,
+        metrics,
+      )
+      return state, buffers
+
+    return lax.fori_loop(0, num_steps, body, (state, buffers))
+
+  return run
+
+
 def make_train_step(
   mesh: jax.sharding.Mesh,
   config: StepConfig,
@@ -355,6 +390,7 @@ def make_train_step(
   learning_rate: optax.Schedule,
   teacher_model: nn.Module | None = None,
   wrap_local_step: Callable | None = None,
+  steps_per_dispatch: int = 1,
 ):
   """Returns jitted `step(state, data) -> (state, metrics)`; state donated.
 
@@ -366,6 +402,11 @@ def make_train_step(
     learning_rate: the student's schedule, for logging.
     wrap_local_step: optional decorator for the per-device function (tests
       pass `chex.assert_max_traces(n=1)` to prove it never retraces).
+    steps_per_dispatch: K > 1 returns `step(state, data, num_steps)`
+      instead, which runs `num_steps` <= K consecutive steps in one call
+      (`repeat_step`), each metric stacked to shape [K] (rows past
+      num_steps zero); the caller keeps them inside one epoch (the step
+      reads this epoch's `data.epoch_order`).
 
   `data.teacher` must be given when the objective uses a teacher; it is
   ignored (and never moved) when the objective uses none.
@@ -382,6 +423,8 @@ def make_train_step(
   )
   if wrap_local_step is not None:
     local = wrap_local_step(local)
+  if steps_per_dispatch > 1:
+    local = repeat_step(local, steps_per_dispatch)
   sharded = P(DATA_AXIS)
   state_spec = TrainState(
     student=P(), discriminator=P(), prediction_bank=sharded
@@ -396,14 +439,15 @@ def make_train_step(
     partner_rows=sharded,
     batch=sharded,
   )
+  num_steps_spec = (P(),) if steps_per_dispatch > 1 else ()
   mapped = jax.shard_map(
     local,
     mesh=mesh,
-    in_specs=(state_spec, data_spec),
+    in_specs=(state_spec, data_spec) + num_steps_spec,
     out_specs=(state_spec, P()),
   )
 
-  def step(state: TrainState, data: StepData):
+  def step(state: TrainState, data: StepData, *num_steps):
     if not objective.uses_teacher:
       data = data.replace(teacher=None)
     elif data.teacher is None:
@@ -412,7 +456,7 @@ def make_train_step(
         "logits=...)) for a precomputed teacher, or Teacher(variables=...)"
         " and make_train_step(teacher_model=...) for an online one."
       )
-    return mapped(state, data)
+    return mapped(state, data, *num_steps)
 
   # Explicit output shardings keep the state's shardings equal to its input
   # ones (on a 1-device mesh JAX would otherwise call the bank replicated),

@@ -290,10 +290,25 @@ class StepBench:
   batch_size: int
   steps_per_epoch: int
   metrics: Any = None
+  # K > 1: step_fn runs up to K steps per call (the loop's grouping);
+  # single_step_fn is the one-step program of the same stage, lowered (never
+  # compiled) to count a step's FLOPs.
+  steps_per_dispatch: int = 1
+  single_step_fn: Callable | None = None
 
   def run(self, num_steps: int):
-    for _ in range(num_steps):
-      self.state, self.metrics = self.step_fn(self.state, self.data)
+    k = self.steps_per_dispatch
+    if k == 1:
+      for _ in range(num_steps):
+        self.state, self.metrics = self.step_fn(self.state, self.data)
+      return self.state, self.metrics
+    done = 0
+    while done < num_steps:
+      count = min(k, num_steps - done)
+      self.state, self.metrics = self.step_fn(
+        self.state, self.data, np.int32(count)
+      )
+      done += count
     return self.state, self.metrics
 
 
@@ -310,6 +325,7 @@ def build_step(
   image_shape: Sequence[int] = CIFAR_SHAPE,
   num_epochs: int = 300,
   seed: int = 0,
+  steps_per_dispatch: int = 1,
 ) -> StepBench:
   """Builds `method`'s student stage as a run does, on synthetic data.
 
@@ -341,14 +357,70 @@ def build_step(
   step_data = stage_lib.step_data(
     stage, data, mesh, epoch=0, teacher=random_teacher(stage, data, mesh)
   )
+  single = stage_lib.make_train_step(stage, mesh)
   return StepBench(
     method=method,
-    step_fn=stage_lib.make_train_step(stage, mesh),
+    step_fn=(
+      stage_lib.make_train_step(stage, mesh, steps_per_dispatch)
+      if steps_per_dispatch > 1
+      else single
+    ),
     state=stage_lib.create_train_state(stage, data, mesh),
     data=step_data,
     batch_size=batch_size,
     steps_per_epoch=stage.steps_per_epoch,
+    steps_per_dispatch=steps_per_dispatch,
+    single_step_fn=single,
   )
+
+
+# Dense bfloat16 peak TFLOP/s per device, by a substring of device_kind;
+# MFU is reported against it (also for float32 runs, so say the dtype).
+PEAK_BF16_TFLOPS = (
+  ("H100 PCIe", None),  # Not in the table: a different peak.
+  ("H100", 989.0),  # SXM
+  ("H200", 989.0),
+  ("A100", 312.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The device's dense bf16 peak TFLOP/s, or None when not known."""
+  for name, peak in PEAK_BF16_TFLOPS:
+    if name in device_kind:
+      return peak
+  return None
+
+
+def step_flops(bench: StepBench) -> tuple[float | None, str]:
+  """FLOPs of one train step over all devices, and where they came from.
+
+  XLA's cost analysis of the one-step program (a loop program would count
+  its body once, whatever the trip count): first of the lowered HLO (no
+  compilation), else of the compiled program. The shard_mapped program is
+  per device, so its count is multiplied by the device count.
+  """
+  fn = bench.single_step_fn or bench.step_fn
+  lowered = fn.lower(bench.state, bench.data)
+  devices = bench.state.prediction_bank.sharding.mesh.devices.size
+  for source, get in (
+    ("XLA cost analysis of the lowered step", lowered.cost_analysis),
+    ("XLA cost analysis of the compiled step", lambda: _compiled(lowered)),
+  ):
+    try:
+      analysis = get()
+    except Exception:  # pylint: disable=broad-except
+      continue
+    if isinstance(analysis, (list, tuple)):
+      analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    if flops and flops > 0:
+      return float(flops) * devices, source
+  return None, "unavailable"
+
+
+def _compiled(lowered):
+  return lowered.compile().cost_analysis()
 
 
 def first_call(bench: StepBench) -> dict[str, float]:
@@ -435,7 +507,9 @@ def full_bank_copies(bench: StepBench) -> int:
   local_shape = bank.sharding.shard_shape(bank.shape)
   dtype = {"float32": "f32", "bfloat16": "bf16"}[bank.dtype.name]
   token = f"{dtype}[{','.join(str(d) for d in local_shape)}]"
-  text = bench.step_fn.lower(bench.state, bench.data).compile().as_text()
+  extra = (np.int32(1),) if bench.steps_per_dispatch > 1 else ()
+  lowered = bench.step_fn.lower(bench.state, bench.data, *extra)
+  text = lowered.compile().as_text()
   return sum(
     1
     for line in text.splitlines()

@@ -21,7 +21,11 @@
 #             15), and its table is printed.
 #   BUDGET_S  wall-clock budget for all commands (default 450 s; 900 s with
 #             SMOKE); each command has its own cap as well, and a command
-#             whose turn comes with under 15 s left is skipped.
+#             whose turn comes with under 15 s left is skipped. The budget,
+#             not the sum of the caps, keeps the whole call under 8 min:
+#             the commands run in order of importance (tests, step
+#             throughput with MFU, steps per dispatch, ...), so what a
+#             short budget drops is the framework comparison at the end.
 # JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, default
 # /tmp/aikd_jax_compilation_cache) lets a later command reuse an identical
 # executable (compare_frameworks' JAX steps are step_throughput's); it only
@@ -102,7 +106,8 @@ fi
 
 # 1. Tests on this backend.
 TESTS=()
-for f in tests/test_train_step.py tests/test_losses.py tests/test_banks.py; do
+for f in tests/test_train_step.py tests/test_losses.py tests/test_banks.py \
+  tests/test_steps_per_dispatch.py; do
   if [ -f "$f" ]; then TESTS+=("$f"); else say "note: $f is missing; not run."; fi
 done
 if ! "$PY" -c "import pytest" 2>/dev/null; then
@@ -110,7 +115,8 @@ if ! "$PY" -c "import pytest" 2>/dev/null; then
 elif [ ${#TESTS[@]} -eq 0 ]; then
   say "== pytest: SKIPPED (none of the test files exists)"
 else
-  run pytest "$PYTEST_CAP" "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+  run pytest "$PYTEST_CAP" "$PY" -m pytest -q -p no:cacheprovider \
+    -m "not slow" "${TESTS[@]}"
 fi
 
 # 2. Real images: a short comparison on the Fashion-MNIST folder.
@@ -144,6 +150,9 @@ if [ "$SMOKE" = "1" ]; then
              --log_every_steps=10 --epochs=4 --repeats=2)
   CMP_ARGS=(--model=tiny_cnn --batch_size=32 --num_examples=1024
             --steps_per_run=3 --warmup=1 --repeats=2)
+  DISPATCH_ARGS=(--model=tiny_cnn --batch_sizes=32 --num_examples=1024
+                 --steps_per_run=4 --warmup=1 --repeats=2
+                 --steps_per_dispatch=1,4)
 else
   MODEL=preact_resnet18
   ST_ARGS=(--model=preact_resnet18 --batch_sizes=128,512
@@ -154,10 +163,20 @@ else
              --log_every_steps=100 --epochs=4 --repeats=2)
   CMP_ARGS=(--model=preact_resnet18 --batch_size=128 --num_examples=50000
             --steps_per_run=10 --warmup=1 --repeats=5)
+  DISPATCH_ARGS=(--model=preact_resnet18 --batch_sizes=128
+                 --num_examples=50000 --steps_per_run=40 --warmup=1
+                 --repeats=5 --steps_per_dispatch=1,4,8)
 fi
 
 run step_throughput_bf16 130 "$PY" benchmarks/step_throughput.py \
   "${ST_ARGS[@]}" --dtype=bfloat16 --out="$RESULTS/step_throughput_bf16.json"
+# Steps per call of the jitted step (config.steps_per_dispatch, default 1
+# until these figures choose it): ai_kd at K = 1, 4, 8, interleaved. K = 1
+# is step_throughput_bf16's program (a compilation-cache hit); K = 4 and 8
+# compile one loop program each.
+run step_dispatch 120 "$PY" benchmarks/step_throughput.py \
+  "${DISPATCH_ARGS[@]}" --methods=ai_kd --dtype=bfloat16 \
+  --out="$RESULTS/step_dispatch.json"
 run step_throughput_f32 75 "$PY" benchmarks/step_throughput.py \
   "${ST_ARGS[@]}" --methods=ce,ai_kd --dtype=float32 \
   --out="$RESULTS/step_throughput_f32.json"
@@ -173,7 +192,7 @@ run compare_frameworks 150 "$PY" benchmarks/compare_frameworks.py \
 
 say ""
 say "== summary ($(($(date +%s) - START))s in all, model $MODEL)"
-SUMMARY=$(grep -E "ratio:|projected|images/s \(|full-bank copies|passed|failed|rror|TIMED OUT|FAILED|SKIPPED|skipp|missing|^\| (CE|PS-KD|AI-KD) " "$LOG" | grep -v "^== summary")
+SUMMARY=$(grep -E "ratio:|speedup|FLOPs per step|bf16 peak|projected|images/s \(|full-bank copies|passed|failed|rror|TIMED OUT|FAILED|SKIPPED|skipp|missing|^\| (CE|PS-KD|AI-KD) " "$LOG" | grep -v "^== summary")
 say "$SUMMARY"
 say ""
 say "results: $LOG (all printed figures), $ERR (stderr), JSON: $(ls "$RESULTS"/*.json 2>/dev/null | tr '\n' ' ')"

@@ -13,7 +13,9 @@ everything it does in a real run: on-device augmentation and bank updates
 inside the step, a metric read + NaN check every --log_every_steps steps and
 at each epoch's end, TensorBoard/console scalars, an evaluation on the test
 split after every epoch, and an asynchronous orbax checkpoint after every
-epoch (checkpoint_every_epochs=1). The teacher is not trained: ai_kd reads
+epoch (checkpoint_every_epochs=1; --checkpoint_every_minutes=1e9 saves
+only at the stage's end instead, to see what the per-epoch saves cost;
+--steps_per_dispatch sets the loop's K). The teacher is not trained: ai_kd reads
 random logits from a teacher-logit bank (precomputed teacher), ai_kd_online
 uses a freshly initialised teacher (`common.random_teacher`).
 
@@ -122,6 +124,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="epochs of each stage in the projected wall time of a whole "
     "pipeline (teacher + teacher logits + student), PS-KD's 300",
   )
+  parser.add_argument(
+    "--steps_per_dispatch",
+    type=int,
+    default=1,
+    help="the loop's config.steps_per_dispatch (steps alone stay at 1, so "
+    "loop/steps then includes its gain)",
+  )
+  parser.add_argument(
+    "--checkpoint_every_minutes",
+    type=float,
+    default=0.0,
+    help="the loop's config.checkpoint_every_minutes (0: a save after "
+    "every epoch; e.g. 1e9: only the stage's last)",
+  )
   parser.add_argument("--out", default="", help="JSON file for the figures")
   return parser.parse_args(argv)
 
@@ -161,6 +177,8 @@ def _config(args):
   config.eval_batch_size = args.eval_batch_size
   config.log_every_steps = args.log_every_steps
   config.checkpoint_every_epochs = 1
+  config.checkpoint_every_minutes = args.checkpoint_every_minutes
+  config.steps_per_dispatch = args.steps_per_dispatch
   config.keep_checkpoints = 2
   return config
 
@@ -183,6 +201,8 @@ def main(argv=None) -> int:
     num_test=args.num_test,
     epochs=args.epochs,
     log_every_steps=args.log_every_steps,
+    steps_per_dispatch=args.steps_per_dispatch,
+    checkpoint_every_minutes=args.checkpoint_every_minutes,
     repeats=args.repeats,
     mesh_devices=mesh.devices.size,
   )

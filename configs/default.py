@@ -88,5 +88,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 1000  # global
   config.log_every_steps = 100
   config.checkpoint_every_epochs = 1
+  # > 0: save by wall time instead (at the first epoch end or log step this
+  # many minutes after the last save); the stage's end and a stop signal
+  # always save. 0: by epochs.
+  config.checkpoint_every_minutes = 0.0
   config.keep_checkpoints = 2
+  # Steps per call of the jitted step (one compiled loop when above 1):
+  # saves the host's launch cost per step on a fast GPU. Every value above
+  # 1 gives bitwise the same run; 1 (the plain step) equals them only to
+  # float rounding. The default is to be chosen from a GPU measurement
+  # (benchmarks/gpu_check.sh), not made yet; on a CPU the loop is much
+  # slower (README, Performance), so keep 1 there.
+  config.steps_per_dispatch = 1
   return config

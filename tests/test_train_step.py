@@ -94,6 +94,7 @@ def build_setup(
   crop_padding=1,
   flip=True,
   wrap_local_step=None,
+  steps_per_dispatch=1,
 ) -> Setup:
   images, labels, teacher_logits = dataset
   objective = resolve_objective(method, overrides)
@@ -145,6 +146,7 @@ def build_setup(
       discriminator=discriminator,
       learning_rate=lr,
       wrap_local_step=wrap_local_step,
+      steps_per_dispatch=steps_per_dispatch,
     ),
     carry=ts.TrainState(
       student,

@@ -1,0 +1,37 @@
+"""How the epoch loop groups steps into calls of the jitted step.
+
+With `steps_per_dispatch` K > 1 one call runs K steps (train_step's
+`repeat_step`), which saves the host's launch cost per step on a fast
+device. A call never crosses an epoch's end (the step reads its epoch's
+batch order): an epoch's last call runs the steps left, fewer than K when
+steps_per_epoch is not a multiple of K, with the same compiled program (the
+trip count is an argument), so one program is compiled per stage wherever
+a run starts or resumes.
+"""
+
+from __future__ import annotations
+
+from aikd_jax.run_config import ConfigError
+
+
+def check_data(steps_per_dispatch: int, streamed: bool) -> None:
+  """Refuses K > 1 on a streamed training split: a call of K steps reads
+  the dataset on the devices, not K batches from the host."""
+  if steps_per_dispatch > 1 and streamed:
+    raise ConfigError(
+      f"steps_per_dispatch={steps_per_dispatch} needs the training split on "
+      "the devices, but this run streams it from the host; use "
+      "steps_per_dispatch=1 (or input_pipeline=device if it fits)."
+    )
+
+
+def call_length(step: int, epoch_end: int, steps_per_dispatch: int) -> int:
+  """How many steps the call starting at `step` runs: K, or the epoch's
+  remaining steps if fewer."""
+  return min(steps_per_dispatch, epoch_end - step)
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+  """Whether a call from step `before` to step `after` passed a multiple of
+  `every` (a log step): the loop syncs after the first call that does."""
+  return after // every > before // every

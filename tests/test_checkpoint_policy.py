@@ -1,0 +1,125 @@
+"""When checkpoints are saved: by epochs (the default) or by wall time.
+
+Fast: the policy's decisions against a fake clock. Slow: a short digits run
+that saves by time (at every log step and epoch end) ends bitwise equal to
+one that saves by epoch, and so does a rerun from one of its mid-epoch
+checkpoints.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from aikd_jax import checkpointing
+from aikd_jax import run_config
+from aikd_jax import train
+from aikd_jax.checkpoint_policy import CheckpointPolicy
+from configs import digits
+
+
+class FakeClock:
+  def __init__(self):
+    self.now = 1000.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_by_epochs_by_default():
+  policy = CheckpointPolicy(every_epochs=2, clock=FakeClock())
+  assert [policy.at_epoch_end(e, False) for e in range(4)] == [
+    False,
+    True,
+    False,
+    True,
+  ]
+  assert policy.at_epoch_end(2, last_step=True)
+  assert not policy.at_log_step()
+
+
+def test_by_time_counts_from_the_last_save():
+  clock = FakeClock()
+  policy = CheckpointPolicy(every_epochs=1, every_minutes=10, clock=clock)
+  clock.now += 9 * 60
+  # The epoch rule is replaced, not added to.
+  assert not policy.at_epoch_end(0, False)
+  assert not policy.at_log_step()
+  clock.now += 60
+  assert policy.at_log_step()
+  assert policy.at_epoch_end(0, False)
+  policy.saved()
+  clock.now += 5 * 60
+  assert not policy.at_epoch_end(1, False)
+  assert policy.at_epoch_end(1, last_step=True)  # A stage's end always saves.
+  clock.now += 5 * 60
+  assert policy.at_epoch_end(2, False)
+
+
+def test_minutes_must_not_be_negative():
+  config = digits.get_config()
+  config.checkpoint_every_minutes = -1.0
+  with pytest.raises(run_config.ConfigError, match="checkpoint_every_min"):
+    run_config.validate(config)
+
+
+# --- whole runs --------------------------------------------------------------
+
+EPOCHS = 2
+
+
+def _config(minutes):
+  config = digits.get_config()
+  config.method = "ps_kd"
+  config.num_epochs = EPOCHS
+  config.checkpoint_every_minutes = minutes
+  config.keep_checkpoints = 10
+  return config
+
+
+def _checkpoints(workdir):
+  return os.path.join(workdir, "student", checkpointing.CHECKPOINT_DIR)
+
+
+def _final(workdir):
+  step, state = checkpointing.load_arrays(_checkpoints(workdir))
+  flat = {
+    jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+  }
+  with open(os.path.join(workdir, "student", "results.json")) as f:
+    results = json.load(f)
+  results.pop("seconds", None)
+  return step, flat, results
+
+
+def _assert_same(a, b):
+  assert a[0] == b[0]
+  assert sorted(a[1]) == sorted(b[1])
+  differ = [n for n in a[1] if a[1][n].tobytes() != b[1][n].tobytes()]
+  assert not differ, differ
+  assert a[2] == b[2]
+
+
+@pytest.mark.slow  # three short runs, about a minute on 2 cores
+def test_saving_by_time_changes_nothing_and_resumes_bitwise(tmp_path):
+  by_epoch = str(tmp_path / "by_epoch")
+  train.train_and_evaluate(_config(0.0), by_epoch)
+  reference = _final(by_epoch)
+  assert checkpointing.saved_steps(_checkpoints(by_epoch)) == [22, 44]
+
+  # A tiny interval: a save at every log step (20, 40) and epoch end.
+  by_time = str(tmp_path / "by_time")
+  train.train_and_evaluate(_config(1e-9), by_time)
+  assert checkpointing.saved_steps(_checkpoints(by_time)) == [20, 22, 40, 44]
+  _assert_same(reference, _final(by_time))
+
+  # As if the run had been killed just after saving step 40, mid-epoch.
+  for step in (44,):
+    shutil.rmtree(os.path.join(_checkpoints(by_time), str(step)))
+  os.remove(os.path.join(by_time, "student", "results.json"))
+  train.train_and_evaluate(_config(1e-9), by_time)
+  _assert_same(reference, _final(by_time))

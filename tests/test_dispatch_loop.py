@@ -1,0 +1,179 @@
+"""The epoch loop with several steps per call (config.steps_per_dispatch).
+
+Fast: the metric totals of one call equal those of one `accumulate` per
+step, bit for bit (divergence detection by step included), and the workdir
+accepts a change of K between runs only where the result cannot change.
+Slow: short digits runs with K = 2 and K = 3, and one with K = 3 stopped at
+a step that is no multiple of 3 and resumed with K = 2, end bitwise equal.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from aikd_jax import checkpointing
+from aikd_jax import dispatch
+from aikd_jax import preemption
+from aikd_jax import progress as progress_lib
+from aikd_jax import run_config
+from aikd_jax import train
+from configs import digits
+
+
+def _stacked(num_steps=5, bad_row=3):
+  rng = np.random.default_rng(0)
+  stacked = {
+    "loss/student": rng.normal(size=num_steps).astype(np.float32),
+    "train/max_abs_logit": rng.normal(size=num_steps).astype(np.float32),
+  }
+  if bad_row is not None:
+    stacked["loss/student"][bad_row] = np.nan
+  return stacked
+
+
+@pytest.mark.parametrize("bad_row", [None, 1, 3])
+def test_accumulate_steps_equals_one_accumulate_per_step(bad_row):
+  stacked = _stacked(bad_row=bad_row)
+  first = {k: v[0] for k, v in stacked.items()}
+  totals = progress_lib.no_totals(first)
+  per_step = totals
+  for i in range(4):
+    row = {k: v[i] for k, v in stacked.items()}
+    per_step = progress_lib.accumulate(per_step, row, np.int32(40 + i))
+  # Row 4 lies past the call's 4 steps: it must be left out.
+  one_call = progress_lib.accumulate_steps(
+    totals, stacked, np.int32(40), np.int32(4)
+  )
+  a, b = jax.device_get(per_step), jax.device_get(one_call)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+  expected_bad = progress_lib.NO_BAD_STEP if bad_row is None else 40 + bad_row
+  assert int(b["bad_step"]) == expected_bad
+
+
+def test_progress_add_steps_reports_the_first_bad_step():
+  progress = progress_lib.Progress()
+  progress.add_steps(_stacked(bad_row=None), 0, 5)
+  progress.add_steps(_stacked(bad_row=2), 5, 4)
+  with pytest.raises(progress_lib.NonFiniteStep) as info:
+    progress.read(9)
+  assert info.value.step == 7
+
+
+def _config(**fields):
+  config = digits.get_config()
+  for name, value in fields.items():
+    config[name] = value
+  return config
+
+
+def test_workdir_accepts_k_changes_that_keep_the_result(tmp_path):
+  workdir = str(tmp_path)
+  run_config.save(_config(steps_per_dispatch=4), workdir)
+  notes = run_config.compare_with_saved(_config(steps_per_dispatch=2), workdir)
+  assert notes == ["  steps_per_dispatch: 4 (saved) -> 2 (now)"]
+  # 1 runs the plain step, equal to the loop's steps only to rounding.
+  with pytest.raises(run_config.ConfigError, match="steps_per_dispatch"):
+    run_config.compare_with_saved(_config(steps_per_dispatch=1), workdir)
+
+
+def test_workdir_from_before_the_field_counts_as_one_step_per_call(tmp_path):
+  workdir = str(tmp_path)
+  run_config.save(_config(), workdir)
+  path = os.path.join(workdir, run_config.CONFIG_FILE)
+  with open(path) as f:
+    saved = json.load(f)
+  del saved["steps_per_dispatch"]
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  assert run_config.compare_with_saved(_config(), workdir) == []
+  with pytest.raises(run_config.ConfigError, match="steps_per_dispatch"):
+    run_config.compare_with_saved(_config(steps_per_dispatch=8), workdir)
+
+
+def test_steps_per_dispatch_must_be_positive():
+  with pytest.raises(run_config.ConfigError, match="steps_per_dispatch"):
+    run_config.validate(_config(steps_per_dispatch=0))
+
+
+# --- whole runs --------------------------------------------------------------
+
+EPOCHS = 2
+STEPS_PER_EPOCH = 22  # digits: 1438 training examples, batch 64
+
+
+def _short_config(k):
+  return _config(method="ps_kd", num_epochs=EPOCHS, steps_per_dispatch=k)
+
+
+def _final(workdir):
+  directory = os.path.join(workdir, "student", checkpointing.CHECKPOINT_DIR)
+  step, state = checkpointing.load_arrays(directory)
+  flat = {
+    jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+  }
+  with open(os.path.join(workdir, "student", "results.json")) as f:
+    results = json.load(f)
+  results.pop("seconds", None)
+  return step, flat, results
+
+
+def _assert_same(a, b):
+  assert a[0] == b[0] == EPOCHS * STEPS_PER_EPOCH
+  assert sorted(a[1]) == sorted(b[1])
+  differ = [n for n in a[1] if a[1][n].tobytes() != b[1][n].tobytes()]
+  assert not differ, differ
+  # History, train means included, bit for bit (JSON floats).
+  assert a[2] == b[2]
+
+
+def _stop_after_calls(calls):
+  """A SignalFlag that 'receives' SIGTERM during the `calls`-th call."""
+
+  class StopAfter(preemption.SignalFlag):
+    seen = 0
+
+    def stop_agreed(self, at_sync_point):
+      StopAfter.seen += 1
+      if StopAfter.seen == calls:
+        self.received = "SIGTERM"
+      return super().stop_agreed(at_sync_point)
+
+  return StopAfter
+
+
+@pytest.mark.slow  # three short runs, about a minute on 2 cores
+def test_runs_with_any_k_above_one_and_a_resume_end_bitwise_equal(
+  tmp_path, monkeypatch
+):
+  three = str(tmp_path / "k3")
+  train.train_and_evaluate(_short_config(3), three)
+  two = str(tmp_path / "k2")
+  train.train_and_evaluate(_short_config(2), two)
+  reference = _final(three)
+  _assert_same(reference, _final(two))
+
+  # K = 3: epoch 0 is 7 calls of 3 and one of 1; the 9th call ends at step
+  # 25, no multiple of 3. The stopped run saves there; the rerun goes on
+  # with K = 2 from step 25.
+  stopped = str(tmp_path / "stopped")
+  monkeypatch.setattr(train, "SignalFlag", _stop_after_calls(9))
+  with pytest.raises(preemption.Preempted, match="at step 25 "):
+    train.train_and_evaluate(_short_config(3), stopped)
+  directory = os.path.join(stopped, "student", checkpointing.CHECKPOINT_DIR)
+  assert checkpointing.saved_steps(directory)[-1] == 25
+  monkeypatch.setattr(train, "SignalFlag", preemption.SignalFlag)
+  train.train_and_evaluate(_short_config(2), stopped)
+  _assert_same(reference, _final(stopped))
+
+
+def test_k_above_one_is_refused_for_a_streamed_split():
+  dispatch.check_data(1, streamed=True)
+  dispatch.check_data(4, streamed=False)
+  with pytest.raises(run_config.ConfigError, match="streams it"):
+    dispatch.check_data(4, streamed=True)

@@ -73,7 +73,16 @@ def _shapes(name: str, dtype: str = "float32"):
   return variables, train_logits, updates, eval_logits
 
 
-@pytest.mark.parametrize("name", sorted(PSKD_PARAMS))
+# PyramidNet-200's 200 layers take 10-20 s to trace: the slow tier.
+_FULL_SIZE = [
+  pytest.param(name, marks=pytest.mark.slow)
+  if name.startswith("pyramidnet")
+  else name
+  for name in sorted(PSKD_PARAMS)
+]
+
+
+@pytest.mark.parametrize("name", _FULL_SIZE)
 def test_full_size_param_count_and_shapes(name):
   count, num_classes, _ = PSKD_PARAMS[name]
   variables, train_logits, updates, eval_logits = _shapes(name)
@@ -89,6 +98,7 @@ def test_full_size_param_count_and_shapes(name):
     assert leaf.dtype == jnp.float32
 
 
+@pytest.mark.slow  # traces PyramidNet-200
 def test_full_size_bfloat16_keeps_float32_params_and_logits():
   variables, train_logits, _, eval_logits = _shapes(
     "pyramidnet200_shakedrop", "bfloat16"

@@ -76,7 +76,9 @@ def _assert_bitwise_equal(a, b):
     assert x.tobytes() == y.tobytes(), jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("method", ["ai_kd", "ps_kd"])
+@pytest.mark.parametrize(
+  "method", [pytest.param("ai_kd", marks=pytest.mark.slow), "ps_kd"]
+)
 def test_any_k_above_one_gives_bitwise_the_same_steps(method):
   mesh = tts.one_device_mesh()
   layout = banks.RowLayout(N, 1)

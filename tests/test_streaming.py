@@ -161,6 +161,7 @@ def test_eight_devices_streamed_equals_device_resident(dataset, eight_devices):
   _assert_bitwise_equal(out["stream"]["state"], out["device"]["state"])
 
 
+@pytest.mark.slow  # the precomputed teacher's twin stays in the fast tier
 def test_streamed_online_teacher_equals_device_resident(dataset):
   """AI-KD with an online teacher: it sees the streamed views."""
   mesh = banks.data_mesh(jax.devices()[:1])

@@ -205,7 +205,8 @@ def _probe_folder_creation(directory: str) -> None:
   5-minute timeout and keep the process alive meanwhile, so a save that
   cannot create it would hold the exit that long after the error.
   """
-  os.makedirs(directory, exist_ok=True)
+  if not os.path.lexists(directory):
+    os.makedirs(directory)
   os.rmdir(tempfile.mkdtemp(prefix="write-probe-", dir=directory))
 
 

@@ -218,9 +218,10 @@ def _stop_once(workdir: str, kind: str, sig, rng: random.Random) -> Stop:
   elif kind == "checkpoint_save":
     trigger = lambda: bool(set(u.tmp_checkpoint_dirs(workdir)) - tmp_before)
   elif kind == "stage2":
-    # Stage 2 opens its checkpoint folder first, then needs ~1 s (eval-mode
-    # pass over the train split, the save, results.json).
-    stop.delay = rng.uniform(0, 0.3)
+    # Stage 2 opens its checkpoint folder first, then needs 0.2-1 s (eval-
+    # mode pass over the train split, the save, results.json): less with
+    # its program in the compilation cache, so the kill follows quickly.
+    stop.delay = rng.uniform(0, 0.05)
     trigger = lambda: not bank_dir_before and os.path.isdir(bank_dir)
   elif kind == "epoch_end_eval":
     # Step 22's losses are logged just before epoch 1's test evaluation

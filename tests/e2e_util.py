@@ -28,6 +28,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from aikd_jax import checkpointing
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 STAGES = ("teacher", "teacher_logits", "student")
@@ -415,3 +417,19 @@ def kill_if_running(process: MainProcess) -> None:
   if process.running():
     os.kill(process.proc.pid, signal.SIGKILL)
   process.proc.wait(timeout=60)
+
+
+def final_student(workdir: str) -> tuple[int, dict, dict]:
+  """The student's newest checkpoint (step, arrays by tree path) and its
+  results.json without the wall time: what two equal runs share bit for
+  bit."""
+  directory = os.path.join(workdir, "student", checkpointing.CHECKPOINT_DIR)
+  step, state = checkpointing.load_arrays(directory)
+  flat = {
+    jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+  }
+  with open(os.path.join(workdir, "student", "results.json")) as f:
+    results = json.load(f)
+  results.pop("seconds", None)
+  return step, flat, results

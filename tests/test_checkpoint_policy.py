@@ -6,12 +6,10 @@ one that saves by epoch, and so does a rerun from one of its mid-epoch
 checkpoints.
 """
 
-import json
 import os
 import shutil
 
-import jax
-import numpy as np
+import e2e_util as u
 import pytest
 
 from aikd_jax import checkpointing
@@ -84,18 +82,6 @@ def _checkpoints(workdir):
   return os.path.join(workdir, "student", checkpointing.CHECKPOINT_DIR)
 
 
-def _final(workdir):
-  step, state = checkpointing.load_arrays(_checkpoints(workdir))
-  flat = {
-    jax.tree_util.keystr(path): np.asarray(leaf)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state)
-  }
-  with open(os.path.join(workdir, "student", "results.json")) as f:
-    results = json.load(f)
-  results.pop("seconds", None)
-  return step, flat, results
-
-
 def _assert_same(a, b):
   assert a[0] == b[0]
   assert sorted(a[1]) == sorted(b[1])
@@ -108,18 +94,18 @@ def _assert_same(a, b):
 def test_saving_by_time_changes_nothing_and_resumes_bitwise(tmp_path):
   by_epoch = str(tmp_path / "by_epoch")
   train.train_and_evaluate(_config(0.0), by_epoch)
-  reference = _final(by_epoch)
+  reference = u.final_student(by_epoch)
   assert checkpointing.saved_steps(_checkpoints(by_epoch)) == [22, 44]
 
   # A tiny interval: a save at every log step (20, 40) and epoch end.
   by_time = str(tmp_path / "by_time")
   train.train_and_evaluate(_config(1e-9), by_time)
   assert checkpointing.saved_steps(_checkpoints(by_time)) == [20, 22, 40, 44]
-  _assert_same(reference, _final(by_time))
+  _assert_same(reference, u.final_student(by_time))
 
   # As if the run had been killed just after saving step 40, mid-epoch.
   for step in (44,):
     shutil.rmtree(os.path.join(_checkpoints(by_time), str(step)))
   os.remove(os.path.join(by_time, "student", "results.json"))
   train.train_and_evaluate(_config(1e-9), by_time)
-  _assert_same(reference, _final(by_time))
+  _assert_same(reference, u.final_student(by_time))

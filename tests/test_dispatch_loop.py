@@ -10,6 +10,7 @@ a step that is no multiple of 3 and resumed with K = 2, end bitwise equal.
 import json
 import os
 
+import e2e_util as u
 import jax
 import numpy as np
 import pytest
@@ -110,19 +111,6 @@ def _short_config(k):
   return _config(method="ps_kd", num_epochs=EPOCHS, steps_per_dispatch=k)
 
 
-def _final(workdir):
-  directory = os.path.join(workdir, "student", checkpointing.CHECKPOINT_DIR)
-  step, state = checkpointing.load_arrays(directory)
-  flat = {
-    jax.tree_util.keystr(path): np.asarray(leaf)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state)
-  }
-  with open(os.path.join(workdir, "student", "results.json")) as f:
-    results = json.load(f)
-  results.pop("seconds", None)
-  return step, flat, results
-
-
 def _assert_same(a, b):
   assert a[0] == b[0] == EPOCHS * STEPS_PER_EPOCH
   assert sorted(a[1]) == sorted(b[1])
@@ -155,8 +143,8 @@ def test_runs_with_any_k_above_one_and_a_resume_end_bitwise_equal(
   train.train_and_evaluate(_short_config(3), three)
   two = str(tmp_path / "k2")
   train.train_and_evaluate(_short_config(2), two)
-  reference = _final(three)
-  _assert_same(reference, _final(two))
+  reference = u.final_student(three)
+  _assert_same(reference, u.final_student(two))
 
   # K = 3: epoch 0 is 7 calls of 3 and one of 1; the 9th call ends at step
   # 25, no multiple of 3. The stopped run saves there; the rerun goes on
@@ -169,7 +157,7 @@ def test_runs_with_any_k_above_one_and_a_resume_end_bitwise_equal(
   assert checkpointing.saved_steps(directory)[-1] == 25
   monkeypatch.setattr(train, "SignalFlag", preemption.SignalFlag)
   train.train_and_evaluate(_short_config(2), stopped)
-  _assert_same(reference, _final(stopped))
+  _assert_same(reference, u.final_student(stopped))
 
 
 def test_k_above_one_is_refused_for_a_streamed_split():

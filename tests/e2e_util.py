@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from aikd_jax import checkpointing
+from configs import digits
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -433,3 +434,11 @@ def final_student(workdir: str) -> tuple[int, dict, dict]:
     results = json.load(f)
   results.pop("seconds", None)
   return step, flat, results
+
+
+def digits_config(**fields):
+  """The bundled digits config with `fields` set."""
+  config = digits.get_config()
+  for name, value in fields.items():
+    config[name] = value
+  return config

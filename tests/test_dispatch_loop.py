@@ -21,7 +21,6 @@ from aikd_jax import preemption
 from aikd_jax import progress as progress_lib
 from aikd_jax import run_config
 from aikd_jax import train
-from configs import digits
 
 
 def _stacked(num_steps=5, bad_row=3):
@@ -65,40 +64,39 @@ def test_progress_add_steps_reports_the_first_bad_step():
   assert info.value.step == 7
 
 
-def _config(**fields):
-  config = digits.get_config()
-  for name, value in fields.items():
-    config[name] = value
-  return config
-
-
 def test_workdir_accepts_k_changes_that_keep_the_result(tmp_path):
   workdir = str(tmp_path)
-  run_config.save(_config(steps_per_dispatch=4), workdir)
-  notes = run_config.compare_with_saved(_config(steps_per_dispatch=2), workdir)
+  run_config.save(u.digits_config(steps_per_dispatch=4), workdir)
+  notes = run_config.compare_with_saved(
+    u.digits_config(steps_per_dispatch=2), workdir
+  )
   assert notes == ["  steps_per_dispatch: 4 (saved) -> 2 (now)"]
   # 1 runs the plain step, equal to the loop's steps only to rounding.
   with pytest.raises(run_config.ConfigError, match="steps_per_dispatch"):
-    run_config.compare_with_saved(_config(steps_per_dispatch=1), workdir)
+    run_config.compare_with_saved(
+      u.digits_config(steps_per_dispatch=1), workdir
+    )
 
 
 def test_workdir_from_before_the_field_counts_as_one_step_per_call(tmp_path):
   workdir = str(tmp_path)
-  run_config.save(_config(), workdir)
+  run_config.save(u.digits_config(), workdir)
   path = os.path.join(workdir, run_config.CONFIG_FILE)
   with open(path) as f:
     saved = json.load(f)
   del saved["steps_per_dispatch"]
   with open(path, "w") as f:
     json.dump(saved, f)
-  assert run_config.compare_with_saved(_config(), workdir) == []
+  assert run_config.compare_with_saved(u.digits_config(), workdir) == []
   with pytest.raises(run_config.ConfigError, match="steps_per_dispatch"):
-    run_config.compare_with_saved(_config(steps_per_dispatch=8), workdir)
+    run_config.compare_with_saved(
+      u.digits_config(steps_per_dispatch=8), workdir
+    )
 
 
 def test_steps_per_dispatch_must_be_positive():
   with pytest.raises(run_config.ConfigError, match="steps_per_dispatch"):
-    run_config.validate(_config(steps_per_dispatch=0))
+    run_config.validate(u.digits_config(steps_per_dispatch=0))
 
 
 # --- whole runs --------------------------------------------------------------
@@ -108,7 +106,9 @@ STEPS_PER_EPOCH = 22  # digits: 1438 training examples, batch 64
 
 
 def _short_config(k):
-  return _config(method="ps_kd", num_epochs=EPOCHS, steps_per_dispatch=k)
+  return u.digits_config(
+    method="ps_kd", num_epochs=EPOCHS, steps_per_dispatch=k
+  )
 
 
 def _assert_same(a, b):

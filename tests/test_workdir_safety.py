@@ -25,7 +25,6 @@ from aikd_jax import checkpointing
 from aikd_jax import run_config
 from aikd_jax import train_step as step_lib
 from aikd_jax import workdir_lock
-from configs import digits
 
 # The lock.
 
@@ -59,14 +58,14 @@ def test_a_busy_comparison_folder_is_refused_and_left_alone(tmp_path):
   try:
     before = u.file_digests(workdir)
     with pytest.raises(workdir_lock.WorkdirBusy, match="in use by another"):
-      compare.run_comparison(_config(), workdir, ["ce"], 1)
+      compare.run_comparison(u.digits_config(), workdir, ["ce"], 1)
     assert u.file_digests(workdir) == before
   finally:
     holder.release()
   # Refused on a new folder for another reason: nothing is left behind.
   fresh = str(tmp_path / "fresh")
   with pytest.raises(run_config.ConfigError, match="lambda_adv"):
-    compare.run_comparison(_config(lambda_adv=0.5), fresh, ["ce"], 1)
+    compare.run_comparison(u.digits_config(lambda_adv=0.5), fresh, ["ce"], 1)
   assert not os.path.exists(fresh)
 
 
@@ -283,25 +282,20 @@ def test_a_teacher_loads_whatever_optimiser_its_run_used(tmp_path):
 # The config record.
 
 
-def _config(**fields):
-  config = digits.get_config()
-  for name, value in fields.items():
-    config[name] = value
-  return config
-
-
 def test_config_json_keeps_the_start_and_changes_are_listed(tmp_path):
   workdir = str(tmp_path)
-  run_config.save(_config(), workdir)
+  run_config.save(u.digits_config(), workdir)
   path = os.path.join(workdir, run_config.CONFIG_FILE)
   with open(path, "rb") as f:
     started = f.read()
-  run_config.save(_config(), workdir)  # Nothing changed: nothing recorded.
+  run_config.save(
+    u.digits_config(), workdir
+  )  # Nothing changed: nothing recorded.
   assert not os.path.exists(os.path.join(workdir, run_config.CHANGES_FILE))
-  longer = _config(num_epochs=40, log_every_steps=7)
+  longer = u.digits_config(num_epochs=40, log_every_steps=7)
   assert len(run_config.compare_with_saved(longer, workdir)) == 2
   run_config.save(longer, workdir)
-  run_config.save(_config(num_epochs=50, log_every_steps=7), workdir)
+  run_config.save(u.digits_config(num_epochs=50, log_every_steps=7), workdir)
   with open(path, "rb") as f:
     assert f.read() == started
   with open(os.path.join(workdir, run_config.CHANGES_FILE)) as f:
@@ -316,7 +310,7 @@ def test_config_json_keeps_the_start_and_changes_are_listed(tmp_path):
   # Compared with the newest accepted values, not the first ones.
   assert (
     run_config.compare_with_saved(
-      _config(num_epochs=50, log_every_steps=7), workdir
+      u.digits_config(num_epochs=50, log_every_steps=7), workdir
     )
     == []
   )
@@ -324,17 +318,17 @@ def test_config_json_keeps_the_start_and_changes_are_listed(tmp_path):
 
 def test_a_refused_change_records_nothing(tmp_path):
   workdir = str(tmp_path)
-  run_config.save(_config(), workdir)
+  run_config.save(u.digits_config(), workdir)
   before = u.file_digests(workdir)
   with pytest.raises(run_config.ConfigError) as info:
-    run_config.compare_with_saved(_config(batch_size=4096), workdir)
+    run_config.compare_with_saved(u.digits_config(batch_size=4096), workdir)
   assert "batch_size: 64 (saved) -> 4096 (now)" in str(info.value)
   assert u.file_digests(workdir) == before
 
 
 def _predating(workdir: str, *fields: str) -> None:
   """A config.json written before `fields` existed."""
-  run_config.save(_config(), workdir)
+  run_config.save(u.digits_config(), workdir)
   path = os.path.join(workdir, run_config.CONFIG_FILE)
   with open(path) as f:
     saved = json.load(f)
@@ -347,7 +341,7 @@ def _predating(workdir: str, *fields: str) -> None:
 def test_a_workdir_predating_the_ramp_resumes_without_one(tmp_path):
   workdir = str(tmp_path)
   _predating(workdir, "teacher_ramp_epochs", "warmup_epochs", "grad_clip_norm")
-  config = _config()
+  config = u.digits_config()
   assert run_config.objective_from_config(config).teacher_ramp_epochs > 0
   lines = run_config.adopt_legacy_values(config, workdir)
   # The presets' stabiliser, ramp and clip, is what a run started before it
@@ -363,13 +357,15 @@ def test_a_workdir_predating_the_ramp_resumes_without_one(tmp_path):
   assert config.warmup_epochs == 0.0 and config.grad_clip_norm == 0.0
   assert run_config.compare_with_saved(config, workdir) == []
   # Without the adoption (as the comparison's pre-flight sees it) the same.
-  assert run_config.compare_with_saved(_config(), workdir) == []
+  assert run_config.compare_with_saved(u.digits_config(), workdir) == []
 
 
 def test_a_workdir_saved_with_the_old_clip_default_resumes_unclipped(tmp_path):
   workdir = str(tmp_path)
-  run_config.save(_config(grad_clip_norm=0.0), workdir)  # the old default
-  config = _config()
+  run_config.save(
+    u.digits_config(grad_clip_norm=0.0), workdir
+  )  # the old default
+  config = u.digits_config()
   assert config.grad_clip_norm is None
   assert run_config.objective_from_config(config).grad_clip_norm > 0
   lines = run_config.adopt_legacy_values(config, workdir)
@@ -378,10 +374,10 @@ def test_a_workdir_saved_with_the_old_clip_default_resumes_unclipped(tmp_path):
     "grad_clip_norm=0.0, as the run was started."
   ]
   assert run_config.objective_from_config(config).grad_clip_norm == 0.0
-  assert run_config.compare_with_saved(_config(), workdir) == []
+  assert run_config.compare_with_saved(u.digits_config(), workdir) == []
   # Another clip than the saved one is still a change.
   with pytest.raises(run_config.ConfigError, match="0.0 .saved. -> 2.0"):
-    run_config.compare_with_saved(_config(grad_clip_norm=2.0), workdir)
+    run_config.compare_with_saved(u.digits_config(grad_clip_norm=2.0), workdir)
 
 
 def test_a_new_fields_explicit_value_is_a_change_like_any_other(tmp_path):
@@ -391,7 +387,7 @@ def test_a_new_fields_explicit_value_is_a_change_like_any_other(tmp_path):
     ("teacher_ramp_epochs", 5.0, "teacher_ramp_epochs: 0.0 (saved) -> 5.0"),
     ("grad_clip_norm", 5.0, "grad_clip_norm: 0.0 (saved) -> 5.0"),
   ):
-    config = _config(**{field: value})
+    config = u.digits_config(**{field: value})
     lines = run_config.adopt_legacy_values(config, workdir)
     assert not any(f"predates {field}" in line for line in lines), lines
     assert config[field] == value

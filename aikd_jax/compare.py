@@ -184,7 +184,7 @@ def check_comparison(
   train.check_config(config, workdir)
   # The comparison's own config.json: the base config the runs derive from.
   notes = run_config.compare_with_saved(
-    config, workdir, ignore=frozenset({"method"})
+    config, workdir, ignore=frozenset({"method", run_config.OBJECTIVE_FIELD})
   )
   runs = plan_runs(config, methods, num_seeds)
   teachers = sorted(

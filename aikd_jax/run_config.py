@@ -11,6 +11,7 @@ was asked for. A refused rerun records nothing.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -212,17 +213,46 @@ def check_workdir(workdir: str) -> None:
 DEVICES_FIELD = "num_devices"
 
 
+# Not a config field either: what the method's preset and the config's
+# overrides resolved to when the run started. A preset whose default changes
+# later (a new stabiliser) then cannot change a resumed run.
+OBJECTIVE_FIELD = "objective"
+# The presets' values, where they differ from today's, for the workdirs whose
+# config.json predates OBJECTIVE_FIELD: CS-KD had no gradient clip.
+PRESETS_BEFORE_THE_RECORD = {"cs_kd": {"grad_clip_norm": 0.0}}
+
+
+def _resolved(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+  return dataclasses.asdict(objective_from_config(config))
+
+
 def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
   # JSON round trip: tuples become lists on both sides of the comparison.
-  return {**json.loads(config.to_json()), DEVICES_FIELD: jax.device_count()}
+  return {
+    **json.loads(config.to_json()),
+    DEVICES_FIELD: jax.device_count(),
+    OBJECTIVE_FIELD: _resolved(config),
+  }
+
+
+def _recorded_objective(saved: dict[str, Any]) -> dict[str, Any] | None:
+  """The objective a saved config's run started with (None: not valid)."""
+  if OBJECTIVE_FIELD in saved:
+    return saved[OBJECTIVE_FIELD]
+  try:
+    resolved = _resolved(saved)
+  except ValueError:
+    return None
+  for name, value in PRESETS_BEFORE_THE_RECORD.get(saved["method"], {}).items():
+    if saved.get(name) is None:
+      resolved[name] = value
+  return resolved
 
 
 def _same_objective(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-  """Whether two configs' method fields resolve to the same objective."""
-  try:
-    return objective_from_config(saved) == objective_from_config(current)
-  except ValueError:
-    return False
+  """Whether the current config resolves to the objective the run started
+  with."""
+  return saved[OBJECTIVE_FIELD] == current[OBJECTIVE_FIELD]
 
 
 # Fields added (or whose default changed) after workdirs already existed:
@@ -274,6 +304,7 @@ def saved_config(workdir: str) -> dict[str, Any] | None:
       saved[field] = new
   for field, (legacy, _) in LEGACY_VALUES.items():
     saved.setdefault(field, legacy)
+  saved[OBJECTIVE_FIELD] = _recorded_objective(saved)
   return saved
 
 
@@ -315,12 +346,34 @@ def adopt_legacy_values(
     lines.append(
       f"{why}: resuming with {field}={legacy!r}, as the run was started."
     )
+  return lines + _adopt_recorded_objective(config, saved)
+
+
+def _adopt_recorded_objective(
+  config: ml_collections.ConfigDict, saved: dict[str, Any]
+) -> list[str]:
+  """A preset's value changed since the run started: the run keeps the old
+  one, unless the config sets that field itself."""
+  recorded = saved[OBJECTIVE_FIELD]
+  if recorded is None or config.method != saved["method"]:
+    return []
+  now = _resolved(config)
+  lines = []
+  for name in OVERRIDABLE_FIELDS:
+    if config[name] is None and recorded[name] != now[name]:
+      config[name] = recorded[name]
+      lines.append(
+        f"{config.method}'s {name} was {recorded[name]!r} when the workdir "
+        f"was started ({now[name]!r} now): resuming with "
+        f"{name}={recorded[name]!r}."
+      )
   return lines
 
 
 # What a teacher-only workdir's result does not depend on.
 STUDENT_ONLY_FIELDS = frozenset(
-  ("method", "num_epochs", "teacher_checkpoint") + OVERRIDABLE_FIELDS
+  ("method", "num_epochs", "teacher_checkpoint", OBJECTIVE_FIELD)
+  + OVERRIDABLE_FIELDS
 )
 
 
@@ -344,7 +397,7 @@ def compare_with_saved(
   # changes nothing.
   same_objective = _same_objective(saved, current)
   unsafe, notes = [], []
-  for field in sorted(set(saved) | set(current)):
+  for field in sorted((set(saved) | set(current)) - {OBJECTIVE_FIELD}):
     old, new = saved.get(field), current.get(field)
     if old == new or field in ignore:
       continue
@@ -358,6 +411,14 @@ def compare_with_saved(
       notes.append(line)
     else:
       unsafe.append(line)
+  if not same_objective and OBJECTIVE_FIELD not in ignore:
+    recorded = saved[OBJECTIVE_FIELD] or {}
+    unsafe += [
+      f"  {name}, as the method resolves it: {recorded.get(name)!r} (saved) "
+      f"-> {value!r} (now)"
+      for name, value in current[OBJECTIVE_FIELD].items()
+      if recorded.get(name) != value
+    ]
   if unsafe:
     raise ConfigError(
       f"The workdir {workdir!r} holds a run with a different config; these "

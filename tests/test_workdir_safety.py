@@ -22,6 +22,7 @@ import optax
 import pytest
 
 from aikd_jax import checkpointing
+from aikd_jax import objective as objective_lib
 from aikd_jax import run_config
 from aikd_jax import train_step as step_lib
 from aikd_jax import workdir_lock
@@ -326,13 +327,14 @@ def test_a_refused_change_records_nothing(tmp_path):
   assert u.file_digests(workdir) == before
 
 
-def _predating(workdir: str, *fields: str) -> None:
-  """A config.json written before `fields` existed."""
-  run_config.save(u.digits_config(), workdir)
+def _predating(workdir: str, *fields: str, config=None) -> None:
+  """A config.json written before `fields` existed (and before it recorded
+  the resolved objective)."""
+  run_config.save(config or u.digits_config(), workdir)
   path = os.path.join(workdir, run_config.CONFIG_FILE)
   with open(path) as f:
     saved = json.load(f)
-  for field in fields:
+  for field in (*fields, run_config.OBJECTIVE_FIELD):
     del saved[field]
   with open(path, "w") as f:
     json.dump(saved, f)
@@ -394,3 +396,61 @@ def test_a_new_fields_explicit_value_is_a_change_like_any_other(tmp_path):
     with pytest.raises(run_config.ConfigError) as info:
       run_config.compare_with_saved(config, workdir)
     assert shown in str(info.value)
+
+
+def test_config_json_records_the_resolved_objective(tmp_path):
+  workdir = str(tmp_path)
+  run_config.save(u.digits_config(method="cs_kd"), workdir)
+  with open(os.path.join(workdir, run_config.CONFIG_FILE)) as f:
+    recorded = json.load(f)[run_config.OBJECTIVE_FIELD]
+  assert recorded["lambda_cls"] == 1.0 and recorded["temperature"] == 4.0
+  assert recorded["grad_clip_norm"] == objective_lib.GRAD_CLIP_NORM
+
+
+def test_a_cs_kd_workdir_from_before_its_clip_resumes_unclipped(tmp_path):
+  workdir = str(tmp_path)
+  _predating(workdir, config=u.digits_config(method="cs_kd"))
+  config = u.digits_config(method="cs_kd")
+  assert run_config.objective_from_config(config).grad_clip_norm > 0
+  lines = run_config.adopt_legacy_values(config, workdir)
+  assert lines == [
+    "cs_kd's grad_clip_norm was 0.0 when the workdir was started (1.0 "
+    "now): resuming with grad_clip_norm=0.0."
+  ]
+  assert run_config.objective_from_config(config).grad_clip_norm == 0.0
+  assert run_config.compare_with_saved(
+    u.digits_config(method="cs_kd"), workdir
+  ) == ["  grad_clip_norm: None (saved) -> 0.0 (now)"]
+  # Asking for today's clip explicitly is a change of the run.
+  with pytest.raises(run_config.ConfigError) as info:
+    run_config.compare_with_saved(
+      u.digits_config(method="cs_kd", grad_clip_norm=1.0), workdir
+    )
+  assert "grad_clip_norm, as the method resolves it: 0.0 (saved) -> 1.0" in (
+    str(info.value)
+  )
+  # Other presets' workdirs of that time resolve as today.
+  other = str(tmp_path / "ai_kd")
+  os.makedirs(other)
+  _predating(other)
+  assert run_config.adopt_legacy_values(u.digits_config(), other) == []
+
+
+def test_a_preset_changed_after_the_start_keeps_its_recorded_value(tmp_path):
+  workdir = str(tmp_path)
+  run_config.save(u.digits_config(), workdir)
+  path = os.path.join(workdir, run_config.CONFIG_FILE)
+  with open(path) as f:
+    saved = json.load(f)
+  saved[run_config.OBJECTIVE_FIELD]["lambda_adv"] = 0.3  # the preset then
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  config = u.digits_config()
+  lines = run_config.adopt_legacy_values(config, workdir)
+  assert lines == [
+    "ai_kd's lambda_adv was 0.3 when the workdir was started (0.1 now): "
+    "resuming with lambda_adv=0.3."
+  ]
+  assert run_config.objective_from_config(config).lambda_adv == 0.3
+  with pytest.raises(run_config.ConfigError, match="lambda_adv"):
+    run_config.compare_with_saved(u.digits_config(lambda_adv=0.1), workdir)

@@ -17,6 +17,7 @@ from typing import Callable, ContextManager
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -568,6 +569,7 @@ def _run_stages(
   with SignalFlag() as signals:
     if teacher_only:
       _teacher_stage(config, data, mesh, workdir, signals)
+      _await_results_file()
       return results_lib.finished_results(os.path.join(workdir, "teacher"))
     teacher = None
     if not objective.uses_teacher:
@@ -597,6 +599,17 @@ def _run_stages(
       logging.info("student: finished earlier; nothing to do.")
     else:
       train_stage(student, config, data, mesh, workdir, signals, teacher)
+  _await_results_file()
   return results_lib.read_json(
     os.path.join(stage_dir, results_lib.RESULTS_FILE)
   )
+
+
+def _await_results_file() -> None:
+  """Returns once process 0 has written the last stage's results file.
+
+  Only process 0 writes it, after its own last step; another process,
+  done with the same step, could otherwise read the file before it exists.
+  """
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("stage results written")

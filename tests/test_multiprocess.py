@@ -5,6 +5,7 @@ in for a TPU pod slice or a GPU cluster; the result must equal one process
 driving all 8 devices.
 """
 
+import json
 import os
 import signal
 import socket
@@ -46,7 +47,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_processes(workdir, num_processes=2):
+def start_processes(workdir, num_processes=2, extra=()):
   port = _free_port()
   return [
     subprocess.Popen(
@@ -55,6 +56,7 @@ def start_processes(workdir, num_processes=2):
         "main.py",
         f"--workdir={workdir}",
         *SHORT,
+        *extra,
         f"--coordinator_address=localhost:{port}",
         f"--num_processes={num_processes}",
         f"--process_id={i}",
@@ -136,13 +138,48 @@ def test_only_process_zero_writes_logs_and_results(runs):
 
 
 def test_evaluation_counts_each_test_example_once(runs):
-  import json  # pylint: disable=g-import-not-at-top
-
   two, _, _, _ = runs
   with open(os.path.join(two, "student", "results.json")) as f:
     results = json.load(f)
   for entry in results["history"]:
     assert sum(entry["reliability"]["counts"]) == NUM_TEST_EXAMPLES
+
+
+def _last_epoch_line(output):
+  """The student's closing line (its test error) without the workdir."""
+  (line,) = [x for x in output.splitlines() if "): last epoch " in x]
+  return line.split(" Results: ")[0]
+
+
+def test_two_processes_streamed_equal_device_resident(runs, tmp_path):
+  two, _, outputs, _ = runs
+  streamed = str(tmp_path / "streamed")
+  streamed_outputs = finish(
+    start_processes(streamed, extra=["--config.input_pipeline=stream"])
+  )
+  # Each process opened the split for streaming (input_pipeline.py logs
+  # this line only then), so the run cannot have fallen back to the devices.
+  assert all("Streaming digits: " in out for out in streamed_outputs)
+  assert not any("Streaming digits: " in out for out in outputs)
+  # Each device receives exactly the rows, in the order, that the
+  # device-resident step reads from its own block, and each process reads
+  # only its own devices' rows: the runs agree bit for bit.
+  jax.tree.map(
+    np.testing.assert_array_equal, final_arrays(streamed), final_arrays(two)
+  )
+  # Every process evaluated the whole test split, each example once: each
+  # prints the device-resident run's test error, and every epoch's
+  # reliability bins hold each test example once.
+  expected = [_last_epoch_line(out) for out in outputs]
+  assert [_last_epoch_line(out) for out in streamed_outputs] == expected
+  for stage in ("teacher", "student"):
+    with open(os.path.join(streamed, stage, "results.json")) as f:
+      history = json.load(f)["history"]
+    with open(os.path.join(two, stage, "results.json")) as f:
+      device_history = json.load(f)["history"]
+    for entry in history:
+      assert sum(entry["reliability"]["counts"]) == NUM_TEST_EXAMPLES
+    assert [h["test"] for h in history] == [h["test"] for h in device_history]
 
 
 def test_killed_two_process_run_resumes_identically(runs):

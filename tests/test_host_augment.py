@@ -1,0 +1,154 @@
+"""The host's colour augmentation (PS-KD's ImageNet jitter and lighting).
+
+Its formulas on hand-made images with the draws given, its keying and its
+statistics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from aikd_jax import host_augment
+
+BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
+# Two pixels, shape [1, 2, 3]; grey 0.299 R + 0.587 G + 0.114 B of each is
+# 0.299 * 0.2 + 0.587 * 0.4 + 0.114 * 0.6 = 0.3630 and
+# 0.299 * 1.0 + 0.587 * 0.5 + 0.114 * 0.0 = 0.5925; their mean 0.47775.
+PIXELS = np.array([[[0.2, 0.4, 0.6], [1.0, 0.5, 0.0]]], np.float32)
+GREY = np.array([0.3630, 0.5925])
+
+
+def _jitter(op, a, image=PIXELS):
+  factors = [0.0, 0.0, 0.0]
+  factors[op] = a
+  return host_augment.jitter(image, [op], factors)
+
+
+def test_jitter_operations_match_hand_computed_values():
+  np.testing.assert_allclose(_jitter(BRIGHTNESS, 0.5), PIXELS / 2, rtol=1e-6)
+  np.testing.assert_allclose(_jitter(BRIGHTNESS, -0.4), PIXELS * 1.4, rtol=1e-6)
+  grey = np.repeat(GREY[None, :, None], 3, axis=2)
+  np.testing.assert_allclose(_jitter(SATURATION, 1.0), grey, atol=1e-6)
+  # a = -0.5 moves away from grey: 1.5 * pixel - 0.5 * its grey.
+  np.testing.assert_allclose(
+    _jitter(SATURATION, -0.5)[0, 0],
+    [0.3 - 0.1815, 0.6 - 0.1815, 0.9 - 0.1815],
+    atol=1e-6,
+  )
+  np.testing.assert_allclose(
+    _jitter(CONTRAST, 1.0), np.full((1, 2, 3), 0.47775), atol=1e-6
+  )
+  # Half way to the mean grey.
+  np.testing.assert_allclose(
+    _jitter(CONTRAST, 0.5)[0, 1],
+    [(1.0 + 0.47775) / 2, (0.5 + 0.47775) / 2, 0.47775 / 2],
+    atol=1e-6,
+  )
+  for op in (BRIGHTNESS, CONTRAST, SATURATION):
+    np.testing.assert_array_equal(_jitter(op, 0.0), PIXELS)
+  assert _jitter(CONTRAST, 0.5).dtype == np.float32
+
+
+def test_jitter_applies_its_operations_in_the_order_given():
+  factors = [0.5, -0.3, 0.8]
+  for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+    expected = PIXELS
+    for op in order:
+      expected = _jitter(op, factors[op], expected)
+    out = host_augment.jitter(PIXELS, order, factors)
+    np.testing.assert_array_equal(out, expected)
+  # Saturation to grey then contrast to its mean: a constant image; the
+  # other way round, the constant's saturation is itself.
+  a = [0.0, 1.0, 1.0]
+  constant = host_augment.jitter(PIXELS, [SATURATION, CONTRAST], a)
+  np.testing.assert_allclose(constant, np.full((1, 2, 3), 0.47775), atol=1e-6)
+  grey = host_augment.jitter(PIXELS, [CONTRAST, SATURATION], a)
+  np.testing.assert_allclose(grey, np.full((1, 2, 3), 0.47775), atol=1e-6)
+
+
+def test_lighting_adds_the_eigenvector_combination():
+  # alpha (1, 0, 0): 0.2175 times the first column of the eigenvectors.
+  np.testing.assert_allclose(
+    host_augment.lighting(PIXELS, [1.0, 0.0, 0.0]) - PIXELS,
+    np.broadcast_to([-0.12343125, -0.126324, -0.126933], (1, 2, 3)),
+    atol=1e-6,
+  )
+  # alpha (0, 2, -1): 2 * 0.0188 * second column - 0.0045 * third.
+  second = 2 * 0.0188 * np.array([0.7192, -0.0045, -0.6948])
+  third = -0.0045 * np.array([0.4009, -0.8140, 0.4203])
+  np.testing.assert_allclose(
+    host_augment.lighting(PIXELS, [0.0, 2.0, -1.0])[0, 1],
+    PIXELS[0, 1] + second + third,
+    atol=1e-6,
+  )
+
+
+def _image(seed=0, shape=(24, 32, 3)):
+  return np.random.default_rng(seed).integers(0, 256, shape, np.uint8)
+
+
+def test_colour_views_are_keyed_by_seed_step_and_id():
+  image = _image()
+  view = lambda *key: host_augment.color_augment(
+    image, host_augment.color_rng(*key)
+  )
+  assert view(0, 5, 7).dtype == np.float32
+  np.testing.assert_array_equal(view(0, 5, 7), view(0, 5, 7))
+  for other in ((1, 5, 7), (0, 6, 7), (0, 5, 8)):
+    assert not np.array_equal(view(*other), view(0, 5, 7))
+  # Unclipped: a bright image brightened leaves [0, 1].
+  white = np.full((4, 4, 3), 255, np.uint8)
+  peaks = [
+    host_augment.color_augment(white, host_augment.color_rng(0, 0, i)).max()
+    for i in range(20)
+  ]
+  assert max(peaks) > 1.05
+
+
+def test_zero_strengths_give_the_image_over_255():
+  image = _image()
+  out = host_augment.color_augment(
+    image,
+    host_augment.color_rng(0, 3, 4),
+    brightness=0.0,
+    contrast=0.0,
+    saturation=0.0,
+    lighting_std=0.0,
+  )
+  np.testing.assert_array_equal(out, image.astype(np.float32) / 255)
+
+
+def test_lighting_shift_averages_zero_and_brightness_stays_in_range():
+  grey = np.full((2, 2, 3), 128, np.uint8)
+  n = 4000
+  lit = np.stack(
+    [
+      host_augment.color_augment(
+        grey,
+        host_augment.color_rng(0, 0, i),
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+      )[0, 0]
+      - 128 / 255
+      for i in range(n)
+    ]
+  )
+  # The first eigenvector's shift has std 0.1 * 0.2175 * 0.58 ~ 0.013.
+  np.testing.assert_allclose(lit.mean(0), 0.0, atol=4 * 0.013 / np.sqrt(n))
+  assert 0.008 < lit.std(0).min() and lit.std(0).max() < 0.02
+  factors = np.array(
+    [
+      host_augment.color_augment(
+        grey,
+        host_augment.color_rng(1, 0, i),
+        contrast=0.0,
+        saturation=0.0,
+        lighting_std=0.0,
+      )[0, 0, 0]
+      / (128 / 255)
+      for i in range(n)
+    ]
+  )
+  assert 0.6 <= factors.min() < 0.62 and 1.38 < factors.max() <= 1.4
+  assert abs(factors.mean() - 1.0) < 0.01

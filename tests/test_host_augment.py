@@ -1,14 +1,29 @@
 """The host's colour augmentation (PS-KD's ImageNet jitter and lighting).
 
-Its formulas on hand-made images with the draws given, its keying and its
-statistics.
+Its formulas on hand-made images with the draws given, its keying, its
+statistics, and that it leaves the crop and flip as they were: with the
+option off the streamed batches are today's uint8 crops, and with every
+strength at 0 they are the same crops, scaled to [0, 1].
 """
 
 from __future__ import annotations
 
-import numpy as np
+import functools
+import json
+import os
 
+from e2e_util import digits_config
+import jax
+import numpy as np
+import pytest
+
+from aikd_jax import augment
+from aikd_jax import banks
+from aikd_jax import data as data_lib
 from aikd_jax import host_augment
+from aikd_jax import input_pipeline
+from aikd_jax import run_config
+from aikd_jax import streaming
 
 BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
 # Two pixels, shape [1, 2, 3]; grey 0.299 R + 0.587 G + 0.114 B of each is
@@ -152,3 +167,92 @@ def test_lighting_shift_averages_zero_and_brightness_stays_in_range():
   )
   assert 0.6 <= factors.min() < 0.62 and 1.38 < factors.max() <= 1.4
   assert abs(factors.mean() - 1.0) < 0.01
+
+
+def _rgb_dataset():
+  rng = np.random.default_rng(0)
+  images = lambda n: rng.integers(0, 256, (n, 20, 28, 3), np.uint8)
+  labels = lambda n: (np.arange(n) % 3).astype(np.int32)
+  return data_lib.Dataset(
+    "rgb", images(24), labels(24), images(8), labels(8), 3
+  )
+
+
+def _first_batch_images(config, dataset, mesh):
+  data = input_pipeline.stream_arrays(dataset, mesh, config)
+  batches = streaming.train_batches(
+    data,
+    mesh,
+    seed=config.seed,
+    epoch=1,
+    first_step=0,
+    steps_per_epoch=2,
+    per_device_batch=8,
+    image_size=config.image_size,
+    flip=True,
+  )
+  return next(batches).images, data
+
+
+@pytest.mark.parametrize("zero_strengths", [False, True])
+def test_colour_leaves_the_crops_and_flips_as_they_were(
+  zero_strengths, monkeypatch
+):
+  dataset, mesh = _rgb_dataset(), banks.data_mesh(jax.devices()[:1])
+  config = digits_config(
+    host_augment=True, image_size=12, mean=(0.5,) * 3, std=(0.25,) * 3
+  )
+  off, data = _first_batch_images(config, dataset, mesh)
+  off = np.asarray(off)
+  # Off: today's crops, computed here from their keys.
+  assert off.dtype == np.uint8
+  order = banks.epoch_order(data.layout, config.seed, 1)[:8]
+  for row, image in zip(order, off):
+    index = data.index_of_id[row]
+    rng = host_augment.view_rng(config.seed, 2, int(row))
+    expected = host_augment.train_view(
+      dataset.train_images[index], 12, rng, flip=True
+    )
+    np.testing.assert_array_equal(image, expected)
+  if zero_strengths:
+    monkeypatch.setattr(
+      host_augment,
+      "color_augment",
+      functools.partial(
+        host_augment.color_augment,
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+        lighting_std=0.0,
+      ),
+    )
+  config.host_color_augment = True
+  on, _ = _first_batch_images(config, dataset, mesh)
+  assert on.dtype == np.float32
+  scaled = off.astype(np.float32) / 255
+  if zero_strengths:
+    # The same crops, and the step normalises them to the same bits.
+    np.testing.assert_array_equal(np.asarray(on), scaled)
+    normalize = lambda x: np.asarray(augment.normalize(x, config.mean, 0.25))
+    np.testing.assert_array_equal(normalize(on), normalize(off))
+  else:
+    assert np.abs(np.asarray(on) - scaled).mean() > 0.01
+
+
+def test_a_run_cannot_switch_its_colour_augmentation(tmp_path):
+  stream = dict(host_augment=True, image_size=8, input_pipeline="stream")
+  workdir = str(tmp_path)
+  run_config.save(digits_config(**stream), workdir)
+  on = digits_config(host_color_augment=True, **stream)
+  with pytest.raises(run_config.ConfigError, match="host_color_augment"):
+    run_config.compare_with_saved(on, workdir)
+  # A workdir that predates the option ran without it and resumes so.
+  path = os.path.join(workdir, run_config.CONFIG_FILE)
+  with open(path) as f:
+    saved = json.load(f)
+  del saved["host_color_augment"]
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  assert run_config.compare_with_saved(digits_config(**stream), workdir) == []
+  with pytest.raises(run_config.ConfigError, match="host_color_augment"):
+    run_config.compare_with_saved(on, workdir)

@@ -337,6 +337,7 @@ def test_imagenet_config_dry_run_on_mock_tfds(tmp_path):
       "host_augment crops on the host",
     ),
     ({"host_augment": True, "image_size": 0}, "set --config.image_size"),
+    ({"host_color_augment": True}, "needs host_augment=True"),
     (
       {"method": "cs_kd", "input_pipeline": "stream"},
       "streamed batches do not carry",

@@ -324,6 +324,7 @@ def test_imagenet_config_dry_run_on_mock_tfds(tmp_path):
   assert np.isfinite(results["last"]["nll"])
   saved = run_config.saved_config(str(tmp_path / "run"))
   assert saved["input_pipeline"] == "stream" and saved["host_augment"]
+  assert saved["host_color_augment"]
 
 
 @pytest.mark.parametrize(

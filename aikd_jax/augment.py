@@ -18,10 +18,17 @@ ArrayLike = jax.Array | Sequence[float]
 
 
 def normalize(images: jax.Array, mean: ArrayLike, std: ArrayLike) -> jax.Array:
-  """uint8 images [..., H, W, C] -> float32 (x / 255 - mean) / std."""
+  """uint8 images [..., H, W, C] -> float32 (x / 255 - mean) / std.
+
+  Float images are taken as already scaled to [0, 1] (the host's colour
+  augmentation sends them so, unclipped), so they skip the / 255.
+  """
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
-  return (images.astype(jnp.float32) / 255.0 - mean) / std
+  x = images.astype(jnp.float32)
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    x = x / 255.0
+  return (x - mean) / std
 
 
 def augment_offsets(

@@ -130,11 +130,22 @@ def _stream_tfds(
   )
 
 
+def _host_work(config: ml_collections.ConfigDict) -> str:
+  if config.host_color_augment:
+    return "crop, flip, colour jitter and lighting"
+  return "crop and flip" if config.host_augment else "raw images"
+
+
 def _streamed(
   config, mesh, train, test, num_classes, image_shape, mean, std
 ) -> StreamedDataset:
   if config.host_augment:
     image_shape = (config.image_size, config.image_size, image_shape[-1])
+  if config.host_color_augment and image_shape[-1] != 3:
+    raise run_config.ConfigError(
+      "host_color_augment jitters RGB colours; the images have "
+      f"{image_shape[-1]} channel(s)."
+    )
   if len(mean) != image_shape[-1]:
     raise run_config.ConfigError(
       f"mean/std have {len(mean)} channels but the images have "
@@ -150,7 +161,7 @@ def _streamed(
     config.dataset,
     len(labels),
     len(test),
-    "crop and flip" if config.host_augment else "raw images",
+    _host_work(config),
   )
   return StreamedDataset(
     layout=layout,
@@ -166,6 +177,7 @@ def _streamed(
     test_source=test,
     index_of_id=index_of_id,
     host_augment=bool(config.host_augment),
+    host_color_augment=bool(config.host_color_augment),
     workers=config.stream_workers,
     prefetch=config.stream_prefetch,
   )

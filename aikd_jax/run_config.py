@@ -174,6 +174,11 @@ def _validate_input_pipeline(
     raise ConfigError(
       "host_augment crops to image_size; set --config.image_size (e.g. 224)."
     )
+  if config.host_color_augment and not config.host_augment:
+    raise ConfigError(
+      "host_color_augment jitters the host's crops, so it needs "
+      "host_augment=True."
+    )
   if objective.uses_partners and config.input_pipeline == "stream":
     raise ConfigError(
       f"method {config.method!r} reads same-class partner images, which "
@@ -270,6 +275,7 @@ LEGACY_VALUES = {
   "input_pipeline": ("auto", "auto"),
   "device_data_budget_gb": (4.0, 4.0),
   "host_augment": (False, False),
+  "host_color_augment": (False, False),
   "stream_workers": (8, 8),
   "stream_prefetch": (2, 2),
 }

@@ -116,6 +116,9 @@ class StreamedDataset:
   test_source: Any
   index_of_id: np.ndarray  # dataset index of each row, -1 on padding
   host_augment: bool
+  # Colour jitter and lighting after the host's crop: train images then
+  # arrive as float32 in [0, 1] (unclipped), not uint8.
+  host_color_augment: bool
   workers: int
   prefetch: int
   train_images: None = None
@@ -226,6 +229,7 @@ def train_batches(
     epoch * steps_per_epoch,
   )
   source, on_host = data.train_source, data.host_augment
+  color = data.host_color_augment
 
   def load(record: np.ndarray) -> dict:
     index, example_id, step, row = (int(x) for x in record)
@@ -233,6 +237,9 @@ def train_batches(
     if on_host:
       rng = host_augment.view_rng(seed, step, example_id)
       image = host_augment.train_view(image, image_size, rng, flip)
+    if color:
+      rng = host_augment.color_rng(seed, step, example_id)
+      image = host_augment.color_augment(image, rng)
     return {"image": image, "label": np.int32(label), "row": np.int32(row)}
 
   def to_device(batch: dict) -> step_lib.StreamedBatch:

@@ -73,7 +73,8 @@ class StreamedBatch:
   block holds only examples whose bank rows it owns, so the banks stay local.
 
   images: uint8 [B, H, W, C]; raw (the step augments them as it does
-    device-resident images) or already cropped and flipped on the host.
+    device-resident images) or already cropped and flipped on the host;
+    float32 in [0, 1] when the host also jittered their colours.
   labels: int32 [B].
   rows: int32 [B], each example's local bank row on its device.
   """

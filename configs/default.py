@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (for images of different sizes, e.g. ImageNet) instead of the device's
   # pad-crop and flip; evaluation then centre-crops to image_size.
   config.host_augment = False
+  # With host_augment: PS-KD's ImageNet colour jitter (brightness, contrast,
+  # saturation 0.4, random order) and PCA lighting noise (std 0.1) on the
+  # crop (aikd_jax/host_augment.py).
+  config.host_color_augment = False
   config.stream_workers = 8  # host threads reading and augmenting
   config.stream_prefetch = 2  # batches sent to the devices ahead of use
 

@@ -324,6 +324,7 @@ def test_imagenet_config_dry_run_on_mock_tfds(tmp_path):
   assert np.isfinite(results["last"]["nll"])
   saved = run_config.saved_config(str(tmp_path / "run"))
   assert saved["input_pipeline"] == "stream" and saved["host_augment"]
+  assert saved["host_color_augment"]
 
 
 @pytest.mark.parametrize(
@@ -337,6 +338,7 @@ def test_imagenet_config_dry_run_on_mock_tfds(tmp_path):
       "host_augment crops on the host",
     ),
     ({"host_augment": True, "image_size": 0}, "set --config.image_size"),
+    ({"host_color_augment": True}, "needs host_augment=True"),
     (
       {"method": "cs_kd", "input_pipeline": "stream"},
       "streamed batches do not carry",

@@ -442,3 +442,14 @@ def digits_config(**fields):
   for name, value in fields.items():
     config[name] = value
   return config
+
+
+def edit_saved_config(workdir: str, edit: Callable[[dict], None]) -> None:
+  """Rewrites the workdir's config.json through `edit` (a config.json as an
+  older version, or another preset, would have written it)."""
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  edit(saved)
+  with open(path, "w") as f:
+    json.dump(saved, f)

@@ -7,7 +7,6 @@ Slow: short digits runs with K = 2 and K = 3, and one with K = 3 stopped at
 a step that is no multiple of 3 and resumed with K = 2, end bitwise equal.
 """
 
-import json
 import os
 
 import e2e_util as u
@@ -81,12 +80,7 @@ def test_workdir_accepts_k_changes_that_keep_the_result(tmp_path):
 def test_workdir_from_before_the_field_counts_as_one_step_per_call(tmp_path):
   workdir = str(tmp_path)
   run_config.save(u.digits_config(), workdir)
-  path = os.path.join(workdir, run_config.CONFIG_FILE)
-  with open(path) as f:
-    saved = json.load(f)
-  del saved["steps_per_dispatch"]
-  with open(path, "w") as f:
-    json.dump(saved, f)
+  u.edit_saved_config(workdir, lambda saved: saved.pop("steps_per_dispatch"))
   assert run_config.compare_with_saved(u.digits_config(), workdir) == []
   with pytest.raises(run_config.ConfigError, match="steps_per_dispatch"):
     run_config.compare_with_saved(

@@ -9,10 +9,9 @@ strength at 0 they are the same crops, scaled to [0, 1].
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 from e2e_util import digits_config
+from e2e_util import edit_saved_config
 import jax
 import numpy as np
 import pytest
@@ -247,12 +246,7 @@ def test_a_run_cannot_switch_its_colour_augmentation(tmp_path):
   with pytest.raises(run_config.ConfigError, match="host_color_augment"):
     run_config.compare_with_saved(on, workdir)
   # A workdir that predates the option ran without it and resumes so.
-  path = os.path.join(workdir, run_config.CONFIG_FILE)
-  with open(path) as f:
-    saved = json.load(f)
-  del saved["host_color_augment"]
-  with open(path, "w") as f:
-    json.dump(saved, f)
+  edit_saved_config(workdir, lambda saved: saved.pop("host_color_augment"))
   assert run_config.compare_with_saved(digits_config(**stream), workdir) == []
   with pytest.raises(run_config.ConfigError, match="host_color_augment"):
     run_config.compare_with_saved(on, workdir)

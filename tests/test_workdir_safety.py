@@ -331,13 +331,12 @@ def _predating(workdir: str, *fields: str, config=None) -> None:
   """A config.json written before `fields` existed (and before it recorded
   the resolved objective)."""
   run_config.save(config or u.digits_config(), workdir)
-  path = os.path.join(workdir, run_config.CONFIG_FILE)
-  with open(path) as f:
-    saved = json.load(f)
-  for field in (*fields, run_config.OBJECTIVE_FIELD):
-    del saved[field]
-  with open(path, "w") as f:
-    json.dump(saved, f)
+
+  def forget(saved):
+    for field in (*fields, run_config.OBJECTIVE_FIELD):
+      del saved[field]
+
+  u.edit_saved_config(workdir, forget)
 
 
 def test_a_workdir_predating_the_ramp_resumes_without_one(tmp_path):
@@ -439,12 +438,10 @@ def test_a_cs_kd_workdir_from_before_its_clip_resumes_unclipped(tmp_path):
 def test_a_preset_changed_after_the_start_keeps_its_recorded_value(tmp_path):
   workdir = str(tmp_path)
   run_config.save(u.digits_config(), workdir)
-  path = os.path.join(workdir, run_config.CONFIG_FILE)
-  with open(path) as f:
-    saved = json.load(f)
-  saved[run_config.OBJECTIVE_FIELD]["lambda_adv"] = 0.3  # the preset then
-  with open(path, "w") as f:
-    json.dump(saved, f)
+  u.edit_saved_config(  # the preset then
+    workdir,
+    lambda saved: saved[run_config.OBJECTIVE_FIELD].update(lambda_adv=0.3),
+  )
   config = u.digits_config()
   lines = run_config.adopt_legacy_values(config, workdir)
   assert lines == [

@@ -132,38 +132,29 @@ def test_zero_strengths_give_the_image_over_255():
   np.testing.assert_array_equal(out, image.astype(np.float32) / 255)
 
 
-def test_lighting_shift_averages_zero_and_brightness_stays_in_range():
+def _grey_pixels(seed: int, n: int, **strengths) -> np.ndarray:
+  """The top-left pixel of a mid-grey image, colour-augmented as examples
+  0..n-1 at step 0: [n, 3]."""
   grey = np.full((2, 2, 3), 128, np.uint8)
-  n = 4000
-  lit = np.stack(
+  return np.stack(
     [
       host_augment.color_augment(
-        grey,
-        host_augment.color_rng(0, 0, i),
-        brightness=0.0,
-        contrast=0.0,
-        saturation=0.0,
+        grey, host_augment.color_rng(seed, 0, i), **strengths
       )[0, 0]
-      - 128 / 255
       for i in range(n)
     ]
   )
+
+
+def test_lighting_shift_averages_zero_and_brightness_stays_in_range():
+  n = 4000
+  no_jitter = dict(brightness=0.0, contrast=0.0, saturation=0.0)
+  lit = _grey_pixels(0, n, **no_jitter) - 128 / 255
   # The first eigenvector's shift has std 0.1 * 0.2175 * 0.58 ~ 0.013.
   np.testing.assert_allclose(lit.mean(0), 0.0, atol=4 * 0.013 / np.sqrt(n))
   assert 0.008 < lit.std(0).min() and lit.std(0).max() < 0.02
-  factors = np.array(
-    [
-      host_augment.color_augment(
-        grey,
-        host_augment.color_rng(1, 0, i),
-        contrast=0.0,
-        saturation=0.0,
-        lighting_std=0.0,
-      )[0, 0, 0]
-      / (128 / 255)
-      for i in range(n)
-    ]
-  )
+  brightness_only = dict(contrast=0.0, saturation=0.0, lighting_std=0.0)
+  factors = _grey_pixels(1, n, **brightness_only)[:, 0] / (128 / 255)
   assert 0.6 <= factors.min() < 0.62 and 1.38 < factors.max() <= 1.4
   assert abs(factors.mean() - 1.0) < 0.01
 

@@ -19,7 +19,6 @@ import collections
 import dataclasses
 from typing import Any, Callable, Iterator, Protocol
 
-import grain
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -170,6 +169,8 @@ def _read(
   workers: int,
 ) -> Iterator[dict]:
   """Loads records with `workers` threads, in order, `batch_size` at a time."""
+  import grain  # pylint: disable=g-import-not-at-top  # Streamed runs only.
+
   dataset = grain.MapDataset.source(records).map(load).batch(batch_size)
   options = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=workers)
   return iter(dataset.to_iter_dataset(options))

@@ -7,11 +7,26 @@ batch order): an epoch's last call runs the steps left, fewer than K when
 steps_per_epoch is not a multiple of K, with the same compiled program (the
 trip count is an argument), so one program is compiled per stage wherever
 a run starts or resumes.
+
+K = 0 (the default) chooses: GPU_STEPS_PER_DISPATCH on a GPU with the
+training split on the devices, else 1. XLA's CPU backend runs the loop far
+slower than the plain step, and on a TPU it is not measured yet.
 """
 
 from __future__ import annotations
 
 from aikd_jax.run_config import ConfigError
+
+AUTO = 0
+# Chosen from benchmarks/gpu_check.sh's K = 1, 4, 8, 16 on one H200.
+GPU_STEPS_PER_DISPATCH = 8
+
+
+def steps_per_call(setting: int, streamed: bool, backend: str) -> int:
+  """The K a run uses: `setting`, or for AUTO the backend's choice."""
+  if setting != AUTO:
+    return setting
+  return GPU_STEPS_PER_DISPATCH if backend == "gpu" and not streamed else 1
 
 
 def check_data(steps_per_dispatch: int, streamed: bool) -> None:
@@ -21,7 +36,8 @@ def check_data(steps_per_dispatch: int, streamed: bool) -> None:
     raise ConfigError(
       f"steps_per_dispatch={steps_per_dispatch} needs the training split on "
       "the devices, but this run streams it from the host; use "
-      "steps_per_dispatch=1 (or input_pipeline=device if it fits)."
+      "steps_per_dispatch=1 or 0 (automatic), or input_pipeline=device if it "
+      "fits."
     )
 
 

@@ -213,13 +213,27 @@ def test_logits(
   predict, variables, data, mesh, eval_batch_size: int
 ) -> np.ndarray:
   """Eval-mode logits [M, C] on the test split, on every host."""
+  return read_test_logits(
+    start_test_logits(predict, variables, data, mesh, eval_batch_size), data
+  )
+
+
+def start_test_logits(predict, variables, data, mesh, eval_batch_size: int):
+  """Dispatches the test split's evaluation without waiting for it, so the
+  device can go on to the next steps; `read_test_logits` reads it. A
+  streamed split is read batch by batch from the host, so it is read here."""
   if isinstance(data, StreamedDataset):
     return streaming.predict_test(
       predict, variables, data, mesh, eval_batch_size // mesh.devices.size
     )
-  logits = multihost_utils.process_allgather(
-    predict(variables, data.test_images), tiled=True
-  )
+  return predict(variables, data.test_images)
+
+
+def read_test_logits(started, data) -> np.ndarray:
+  """`start_test_logits`'s logits [M, C], on every host."""
+  if isinstance(started, np.ndarray):
+    return started
+  logits = multihost_utils.process_allgather(started, tiled=True)
   return np.asarray(logits)[: len(data.test_labels)]
 
 

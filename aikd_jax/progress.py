@@ -197,11 +197,22 @@ class Progress:
     self.totals = reset_peaks(self.totals)
     return means | peaks
 
-  def end_epoch(self, epoch: int, test: dict, reliability: dict) -> dict:
-    """Closes the epoch (read to its end) in the history; returns the entry."""
+  def close_epoch(self) -> dict[str, float]:
+    """Ends the epoch (read to its end): returns its train means and peaks
+    for `record_epoch`, and starts the next epoch's totals afresh."""
     count = max(self.epoch_steps, 1)
     train = {k: v / count for k, v in self.epoch_sums.items()}
     train.update(self.epoch_peaks)
+    self.epoch_sums, self.epoch_steps, self.epoch_peaks = {}, 0, {}
+    self.totals = None
+    return train
+
+  def record_epoch(
+    self, epoch: int, train: dict, test: dict, reliability: dict
+  ) -> dict:
+    """Adds a closed epoch and its evaluation to the history; returns the
+    entry. `saved()` must not be taken between the two: a checkpoint's
+    history has every epoch before its step."""
     entry = {
       "epoch": epoch,
       "train": train,
@@ -209,8 +220,6 @@ class Progress:
       "reliability": reliability,
     }
     self.history.append(entry)
-    self.epoch_sums, self.epoch_steps, self.epoch_peaks = {}, 0, {}
-    self.totals = None
     return entry
 
 
@@ -275,6 +284,7 @@ class ConsoleReport:
     now = self._clock()
     self._mark_step, self._mark_time, self._excluded = start_step, now, 0.0
     self._epoch_start, self._epoch_excluded = now, {}
+    self._steps_ended: float | None = None
     self._eval_times: list[float] = []
     self._compile_start = None
     self.steps_per_sec: float | None = None
@@ -364,12 +374,18 @@ class ConsoleReport:
     logging.info("%s", " | ".join(parts))
     return rates
 
+  def steps_ended(self) -> None:
+    """Call at an epoch's end when its evaluation will be read later, during
+    the next epoch's steps: the epoch's wall time ends here."""
+    self._steps_ended = self._clock()
+
   def end_epoch(self, epoch: int, test: dict[str, float]) -> float:
     """Logs the epoch's wall time and test figures; returns the wall time.
 
     Call after the epoch's evaluation (and its checkpoint, if any).
     """
-    now = self._clock()
+    now = self._clock() if self._steps_ended is None else self._steps_ended
+    self._steps_ended = None
     wall = now - self._epoch_start
     if "eval" in self._epoch_excluded:
       self._eval_times.append(self._epoch_excluded["eval"])

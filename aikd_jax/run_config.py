@@ -104,7 +104,6 @@ def validate(config: ml_collections.ConfigDict) -> Objective:
     "log_every_steps",
     "checkpoint_every_epochs",
     "keep_checkpoints",
-    "steps_per_dispatch",
   )
   for field in positive:
     if not config[field] > 0:
@@ -121,6 +120,7 @@ def validate(config: ml_collections.ConfigDict) -> Objective:
     "crop_padding",
     "warmup_epochs",
     "checkpoint_every_minutes",
+    "steps_per_dispatch",  # 0: automatic (dispatch.py).
   ):
     if config[field] < 0:
       raise ConfigError(f"{field} must be non-negative, got {config[field]}.")
@@ -269,7 +269,7 @@ LEGACY_VALUES = {
   "warmup_epochs": (0.0, 0.0),  # No warmup.
   # No clipping; its default was 0.0 before the presets chose theirs.
   "grad_clip_norm": (0.0, None),
-  "steps_per_dispatch": (1, 1),  # One step per call.
+  "steps_per_dispatch": (1, 0),  # One step per call; now automatic.
   "checkpoint_every_minutes": (0.0, 0.0),  # By epochs.
   # Before streaming, every split lived on the devices.
   "input_pipeline": ("auto", "auto"),
@@ -286,9 +286,19 @@ def _same_program_kind(field: str, old: Any, new: Any) -> bool:
 
   Every steps_per_dispatch above 1 runs the same compiled loop body, so
   they give the same run; 1 runs the plain step, equal to them only to
-  float rounding.
+  float rounding. The automatic value counts as what it chooses on this
+  machine for a training split on the devices (a streamed one refuses
+  K > 1 anyway).
   """
-  return field == "steps_per_dispatch" and min(old, 2) == min(new, 2)
+  if field != "steps_per_dispatch":
+    return False
+  from aikd_jax import dispatch  # pylint: disable=g-import-not-at-top
+
+  kinds = [
+    min(dispatch.steps_per_call(k, False, jax.default_backend()), 2)
+    for k in (old, new)
+  ]
+  return kinds[0] == kinds[1]
 
 
 def _started_config(workdir: str) -> dict[str, Any] | None:

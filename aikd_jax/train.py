@@ -172,7 +172,11 @@ def train_stage(
     )
   # Several steps per call (dispatch.py): logs, signals and the divergence
   # check then act after the call that reaches their step.
-  per_call = config.steps_per_dispatch
+  per_call = dispatch.steps_per_call(
+    config.steps_per_dispatch,
+    isinstance(data, streaming.StreamedDataset),
+    jax.default_backend(),
+  )
   step_fn = stage_lib.make_train_step(stage, mesh, per_call)
   predict = stage_lib.make_predict_fn(stage, data, mesh, config.eval_batch_size)
   # The console gets ConsoleReport's lines; TensorBoard every scalar.
@@ -195,7 +199,38 @@ def train_stage(
     config.checkpoint_every_epochs, config.checkpoint_every_minutes
   )
 
+  # An epoch's evaluation is dispatched at its end and read at the next
+  # epoch's first metric read, while the device runs the steps queued
+  # before it, unless a checkpoint needs it first (a checkpoint's history
+  # holds every epoch before its step): with saves by time, the device
+  # seldom waits for the host between epochs.
+  unread: list[tuple] = []  # (epoch, step, train means, started logits)
+
+  def read_evaluation(overlapped: bool) -> None:
+    if not unread:
+      return
+    epoch, at_step, train, started = unread.pop()
+    excluded = (
+      contextlib.nullcontext() if overlapped else console.excluded("eval")
+    )
+    with time_phase("eval"), excluded:
+      test, reliability = _evaluate(stage, config, started, data, epoch)
+      progress.record_epoch(epoch, train, test, reliability)
+      writer.write_scalars(at_step, {f"test/{k}": v for k, v in test.items()})
+      if jax.process_index() == 0:
+        writer.write_images(
+          at_step,
+          {
+            "test/reliability": writers.reliability_image(
+              reliability,
+              f"{stage.name}, epoch {epoch + 1}: ECE {test['ece']:.2f}%",
+            )
+          },
+        )
+    console.end_epoch(epoch, test)
+
   def save(step: int) -> None:
+    read_evaluation(overlapped=False)
     policy.saved()
     with time_phase("checkpoint"), console.excluded("checkpoint"):
       checkpoints.save(step, state, progress.saved())
@@ -240,7 +275,9 @@ def train_stage(
         )
         stop = signals.stop_agreed(sync_point)
         if sync_point or stop:
-          with time_phase("log"):
+          read_evaluation(overlapped=True)
+          # The read at an epoch's end waits for all its steps.
+          with time_phase("epoch_end" if step == epoch_end else "log"):
             try:
               scalars = progress.read(step - epoch_start)
             except NonFiniteStep as bad:
@@ -261,25 +298,14 @@ def train_stage(
             save(step)
         if stop and step < epoch_end:
           stop_here(step)
-      with time_phase("eval"), console.excluded("eval"):
-        test, reliability = _evaluate(
-          stage, config, predict, state, data, epoch, mesh
-        )
-        progress.end_epoch(epoch, test, reliability)
-        writer.write_scalars(step, {f"test/{k}": v for k, v in test.items()})
-        if jax.process_index() == 0:
-          writer.write_images(
-            step,
-            {
-              "test/reliability": writers.reliability_image(
-                reliability,
-                f"{stage.name}, epoch {epoch + 1}: ECE {test['ece']:.2f}%",
-              )
-            },
-          )
+      started = input_pipeline.start_test_logits(
+        predict, state.student.variables, data, mesh, config.eval_batch_size
+      )
+      unread.append((epoch, step, progress.close_epoch(), started))
       if policy.at_epoch_end(epoch, step == total_steps):
         save(step)
-      console.end_epoch(epoch, test)
+      else:
+        console.steps_ended()
       if stop and step < total_steps:
         stop_here(step)
     checkpoints.wait()
@@ -299,16 +325,13 @@ def train_stage(
 def _evaluate(
   stage: stage_lib.Stage,
   config: ml_collections.ConfigDict,
-  predict,
-  state: step_lib.TrainState,
+  started,
   data: DeviceDataset,
   epoch: int,
-  mesh: jax.sharding.Mesh,
 ) -> tuple[dict, dict]:
-  """The test split's report and reliability diagram after `epoch`."""
-  logits = input_pipeline.test_logits(
-    predict, state.student.variables, data, mesh, config.eval_batch_size
-  )
+  """The test split's report and reliability diagram after `epoch`, from
+  `input_pipeline.start_test_logits`' logits."""
+  logits = input_pipeline.read_test_logits(started, data)
   if not np.all(np.isfinite(logits)):
     raise NonFiniteLossError(
       f"Training diverged in epoch {epoch} of the {stage.name} stage: "
@@ -534,16 +557,20 @@ def train_and_evaluate(
     objective, notes = check_inputs(config, workdir, teacher_only)
     mesh = banks.data_mesh()
     data = input_pipeline.open_dataset(config, mesh)
-    dispatch.check_data(
-      config.steps_per_dispatch, isinstance(data, streaming.StreamedDataset)
-    )
+    streamed = isinstance(data, streaming.StreamedDataset)
+    dispatch.check_data(config.steps_per_dispatch, streamed)
     logging.info(
-      "%s: %d train / %d test examples, %d classes, %d devices.",
+      "%s: %d train / %d test examples, %d classes, %d devices, "
+      "%d steps per call%s.",
       config.dataset,
       data.layout.num_examples,
       len(data.test_labels),
       data.num_classes,
       mesh.devices.size,
+      dispatch.steps_per_call(
+        config.steps_per_dispatch, streamed, jax.default_backend()
+      ),
+      " (automatic)" if config.steps_per_dispatch == dispatch.AUTO else "",
     )
     _check_progress(config, objective, data, workdir, teacher_only)
     for note in notes:

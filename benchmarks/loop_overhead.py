@@ -20,29 +20,31 @@ random logits from a teacher-logit bank (precomputed teacher), ai_kd_online
 uses a freshly initialised teacher (`common.random_teacher`).
 
 What is counted, from the loop's own `time_phase` hook (entered around its
-evaluations, metric reads and checkpoint saves; the benchmark records the
-wall-clock interval of each and the compilations so far):
-  loop epoch  = wall time from the end of epoch k-1's evaluation to the end
-                of epoch k's evaluation, i.e. one whole steady-state epoch:
-                the checkpoint save issued after epoch k-1, all steps of
-                epoch k (dispatch and execution), every metric read, and
-                epoch k's evaluation. Both ends are full device syncs (the
-                evaluation fetches logits that depend on the last step).
+evaluation reads, metric reads and checkpoint saves; the benchmark records
+the wall-clock interval of each and the compilations so far):
+  loop epoch  = wall time from the end of epoch k-1's last metric read to
+                the end of epoch k's, i.e. one whole steady-state epoch:
+                epoch k-1's evaluation (dispatched at its end and read
+                during epoch k's steps unless a save reads it first) and
+                checkpoint save (if due), all steps of epoch k (dispatch and
+                execution) and every metric read. Both ends are full device
+                syncs (an epoch's last read waits for all its steps).
                 Median over k = 2 .. E-1 (E = --epochs, default 4; epoch 0
                 holds the compilations, epoch 1's window the first
                 checkpoint save); compilations inside are counted and
                 printed.
   steps alone = the same jitted step (`stage.make_train_step` for the same
-                stage, from `stage.create_train_state`), run
-                steps_per_epoch times back to back and blocked only at
-                the end; median of --repeats such epochs, half timed before
-                the loop and half after it, so drifting load biases neither.
+                stage and K, from `stage.create_train_state`), run
+                steps_per_epoch steps back to back, K per call, and blocked
+                only at the end; median of --repeats such epochs, half timed
+                before the loop and half after it, so drifting load biases
+                neither.
   loop/steps time ratio = loop epoch / steps alone.
-Also printed: the first epoch (initial state, both compilations, first
-checkpoint), the tail after the last evaluation (final checkpoint save and
-wait, results file), and the evaluation throughput: images/sec of the
-stage's predict fn (`stage.make_predict_fn`, as the loop builds it) over the
-whole test split, median of --repeats calls after a compiling call.
+Also printed: the first epoch (initial state, compilations, steps), the tail
+after the last metric read (last evaluation, final checkpoint save and wait,
+results file), and the evaluation throughput: images/sec of the stage's
+predict fn (`stage.make_predict_fn`, as the loop builds it) over the whole
+test split, median of --repeats calls after a compiling call.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from aikd_jax import banks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from aikd_jax import device_data  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -74,7 +77,7 @@ class PhaseLog:
 
   def __init__(self, counter: common.CompileCounter):
     self.counter = counter
-    self.events = {"eval": [], "log": [], "checkpoint": []}
+    self.events = {"eval": [], "log": [], "epoch_end": [], "checkpoint": []}
 
   @contextlib.contextmanager
   def __call__(self, phase: str):
@@ -128,8 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--steps_per_dispatch",
     type=int,
     default=1,
-    help="the loop's config.steps_per_dispatch (steps alone stay at 1, so "
-    "loop/steps then includes its gain)",
+    help="config.steps_per_dispatch, of the loop and of the steps alone",
   )
   parser.add_argument(
     "--checkpoint_every_minutes",
@@ -146,6 +148,7 @@ def projected_pipeline_s(
   objective,
   first_epoch_s: float,
   loop_epoch_s: float,
+  tail_s: float,
   eval_s: float,
   num_test: int,
   num_examples: int,
@@ -153,13 +156,14 @@ def projected_pipeline_s(
 ) -> float:
   """Wall time of the stages `objective` runs, from measured epochs.
 
-  Each trained stage: its first epoch (compilation included) and epochs - 1
-  loop epochs; a teacher's `ce` epochs are counted at this method's epoch
-  time (an upper bound: `ce` steps are no slower). Stage 2 (precomputed
-  teacher logits) is one eval-mode pass over the training split, at the
-  measured eval speed. Start-up (imports, data loading) is not included.
+  Each trained stage: its first epoch (compilation included), epochs - 1
+  loop epochs and the tail (last evaluation and save); a teacher's `ce`
+  epochs are counted at this method's epoch time (an upper bound: `ce`
+  steps are no slower). Stage 2 (precomputed teacher logits) is one
+  eval-mode pass over the training split, at the measured eval speed.
+  Start-up (imports, data loading) is not included.
   """
-  stage = first_epoch_s + (epochs - 1) * loop_epoch_s
+  stage = first_epoch_s + (epochs - 1) * loop_epoch_s + tail_s
   if not objective.uses_teacher:
     return stage
   logits = 0.0 if objective.teacher_mode == "online" else eval_s
@@ -222,14 +226,19 @@ def main(argv=None) -> int:
     # The same step, alone: another instance of the stage's step from the
     # same initial state, timed before and after the loop so that drifting
     # load biases neither side.
-    step_fn = stage_lib.make_train_step(stage, mesh)
+    per_call = args.steps_per_dispatch
+    step_fn = stage_lib.make_train_step(stage, mesh, per_call)
     alone = {"state": stage_lib.create_train_state(stage, data, mesh)}
     step_data = stage_lib.step_data(stage, data, mesh, 0, teacher)
 
     def run_steps(num_steps):
       metrics = None
-      for _ in range(num_steps):
-        alone["state"], metrics = step_fn(alone["state"], step_data)
+      for start in range(0, num_steps, per_call):
+        if per_call > 1:  # Calls of K steps, as the loop makes them.
+          count = np.int32(min(per_call, num_steps - start))
+          alone["state"], metrics = step_fn(alone["state"], step_data, count)
+        else:
+          alone["state"], metrics = step_fn(alone["state"], step_data)
       return alone["state"], metrics
 
     jax.block_until_ready(run_steps(1))  # compiles
@@ -253,23 +262,26 @@ def main(argv=None) -> int:
     steps_alone = statistics.median(epoch_runs)
     steps_compiles = counter.count - steps_before - loop_compiles
 
-    # Steady epochs: k = 2 .. E-1 (epoch 1's window holds the first
-    # checkpoint save, epoch 0 the compilations); with E = 2, epoch 1.
+    # Epoch k's window: from the end of epoch k-1's last metric read to
+    # the end of epoch k's (each waits for all steps before it). Steady
+    # epochs: k = 2 .. E-1 (epoch 0 holds the compilations, epoch 1's
+    # window the first checkpoint save); with E = 2, epoch 1.
     events = phases.events
-    ends = [e[1] for e in events["eval"]]
-    counts = [e[2] for e in events["eval"]]
+    ends = [e[1] for e in events["epoch_end"]]
+    counts = [e[2] for e in events["epoch_end"]]
     steady = list(range(2, args.epochs)) or [1]
     windows = []
     for k in steady:
       lo, hi = ends[k - 1], ends[k]
       within = lambda name: [e for e in events[name] if lo <= e[0] < hi]
+      reads = within("log") + within("epoch_end")
       windows.append(
         {
           "epoch": k,
           "seconds": hi - lo,
           "eval_s": sum(e[1] - e[0] for e in within("eval")),
-          "flush_s": sum(e[1] - e[0] for e in within("log")),
-          "flushes": len(within("log")),
+          "flush_s": sum(e[1] - e[0] for e in reads),
+          "flushes": len(reads),
           "checkpoint_save_call_s": sum(
             e[1] - e[0] for e in within("checkpoint")
           ),
@@ -314,7 +326,7 @@ def main(argv=None) -> int:
     "loop_epoch_checkpoint_save_call_s": save_s,
     "loop_epoch_compiles": window_compiles,
     "loop_compiles_total": loop_compiles,
-    "tail_after_last_eval_s": tail,
+    "tail_after_last_read_s": tail,
     "steps_alone_epoch_s": steps_alone,
     "steps_alone_epoch_runs_s": epoch_runs,
     "steps_alone_compiles_after_first": steps_compiles,
@@ -330,6 +342,7 @@ def main(argv=None) -> int:
       objective,
       first_epoch,
       loop_epoch,
+      tail,
       eval_s_call,
       num_test,
       args.num_examples,
@@ -342,16 +355,17 @@ def main(argv=None) -> int:
     f"metric fetches in the timed epoch: {figures['flushes_per_epoch']}"
   )
   print(
-    f"first epoch (initial state, compilation, steps, eval, first "
-    f"checkpoint): {first_epoch:.2f} s"
+    f"first epoch (initial state, compilation, steps, to its last metric "
+    f"read): {first_epoch:.2f} s"
   )
   window_epochs = ",".join(str(w["epoch"]) for w in windows)
   window_times = ", ".join(f"{w['seconds']:.3f}" for w in windows)
   print(
     f"loop epoch (median over epochs {window_epochs} of "
     f"0..{args.epochs - 1}: {window_times} s; "
-    f"each = checkpoint save of the previous epoch + {steps_per_epoch} "
-    f"steps + metric fetches + eval): {loop_epoch:.3f} s; of which eval "
+    f"each = the previous epoch's eval and checkpoint save (if due) + "
+    f"{steps_per_epoch} steps + metric reads): {loop_epoch:.3f} s; of which "
+    f"reading the eval "
     f"{eval_s:.3f} s, in metric "
     f"fetches {flush_s:.3f} s (mostly waiting for the device), in "
     f"checkpoint save() calls {save_s:.3f} s; compilations in it: "
@@ -359,16 +373,17 @@ def main(argv=None) -> int:
   )
   alone_times = ", ".join(f"{t:.3f}" for t in epoch_runs)
   print(
-    f"steps alone ({steps_per_epoch} consecutive steps, blocked at the "
-    f"end, median of {len(epoch_runs)} runs, before and after the loop: "
+    f"steps alone ({steps_per_epoch} consecutive steps, "
+    f"{args.steps_per_dispatch} per call, blocked at the end, median of "
+    f"{len(epoch_runs)} runs, before and after the loop: "
     f"{alone_times} s): {steps_alone:.3f} s "
     f"({1e3 * steps_alone / steps_per_epoch:.2f} ms/step, "
     f"{args.batch_size * steps_per_epoch / steps_alone:.1f} images/s); "
     f"recompilations: {steps_compiles}"
   )
   print(
-    f"tail after the last eval (final checkpoint save + wait, results "
-    f"file): {tail:.2f} s"
+    f"tail after the last metric read (last eval, final checkpoint save + "
+    f"wait, results file): {tail:.2f} s"
   )
   print(f"loop/steps time ratio: {ratio:.2f}")
   print(

@@ -100,8 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Steps per call of the jitted step (one compiled loop when above 1):
   # saves the host's launch cost per step on a fast GPU. Every value above
   # 1 gives bitwise the same run; 1 (the plain step) equals them only to
-  # float rounding. The default is to be chosen from a GPU measurement
-  # (benchmarks/gpu_check.sh), not made yet; on a CPU the loop is much
-  # slower (README, Performance), so keep 1 there.
-  config.steps_per_dispatch = 1
+  # float rounding. 0: automatic, K > 1 on a GPU with the training split on
+  # the devices, else 1 (aikd_jax/dispatch.py); on a CPU the loop is much
+  # slower (README, Performance).
+  config.steps_per_dispatch = 0
   return config

@@ -109,3 +109,19 @@ def test_saving_by_time_changes_nothing_and_resumes_bitwise(tmp_path):
   os.remove(os.path.join(by_time, "student", "results.json"))
   train.train_and_evaluate(_config(1e-9), by_time)
   _assert_same(reference, u.final_student(by_time))
+
+
+@pytest.mark.slow  # two short runs
+def test_evaluations_read_during_the_next_epoch_change_nothing(tmp_path):
+  """Saving only at the stage's end lets each epoch's evaluation be read
+  while the next epoch's steps run; the history and the weights must be
+  those of a run that reads every evaluation at once (saving every epoch)."""
+  by_epoch = str(tmp_path / "by_epoch")
+  train.train_and_evaluate(_config(0.0), by_epoch)
+  at_end = str(tmp_path / "at_end")
+  train.train_and_evaluate(_config(1e9), at_end)
+  assert checkpointing.saved_steps(_checkpoints(at_end)) == [44]
+  reference, overlapped = u.final_student(by_epoch), u.final_student(at_end)
+  _assert_same(reference, overlapped)
+  history = overlapped[2]["history"]
+  assert [entry["epoch"] for entry in history] == list(range(EPOCHS))

@@ -88,9 +88,37 @@ def test_workdir_from_before_the_field_counts_as_one_step_per_call(tmp_path):
     )
 
 
-def test_steps_per_dispatch_must_be_positive():
+def test_steps_per_dispatch_must_not_be_negative():
   with pytest.raises(run_config.ConfigError, match="steps_per_dispatch"):
-    run_config.validate(u.digits_config(steps_per_dispatch=0))
+    run_config.validate(u.digits_config(steps_per_dispatch=-1))
+  run_config.validate(u.digits_config(steps_per_dispatch=0))  # automatic
+
+
+@pytest.mark.parametrize(
+  "setting, streamed, backend, expected",
+  [
+    (0, False, "gpu", dispatch.GPU_STEPS_PER_DISPATCH),
+    (0, True, "gpu", 1),  # A call of K steps reads the split on the devices.
+    (0, False, "cpu", 1),  # XLA:CPU runs the loop far slower.
+    (0, False, "tpu", 1),  # Not measured.
+    (4, False, "cpu", 4),  # An explicit K is kept.
+    (1, False, "gpu", 1),
+  ],
+)
+def test_automatic_steps_per_dispatch(setting, streamed, backend, expected):
+  assert dispatch.steps_per_call(setting, streamed, backend) == expected
+
+
+def test_workdir_automatic_k_is_what_it_chooses_here(tmp_path):
+  """On this CPU the automatic K is 1: a run started with it may go on
+  with an explicit 1, not with a K > 1 (another program)."""
+  workdir = str(tmp_path)
+  run_config.save(u.digits_config(steps_per_dispatch=0), workdir)
+  run_config.compare_with_saved(u.digits_config(steps_per_dispatch=1), workdir)
+  with pytest.raises(run_config.ConfigError, match="steps_per_dispatch"):
+    run_config.compare_with_saved(
+      u.digits_config(steps_per_dispatch=4), workdir
+    )
 
 
 # --- whole runs --------------------------------------------------------------

@@ -67,7 +67,11 @@ def compute_or_load(
     logits = input_pipeline.train_logits_by_id(
       predict, teacher.variables, data, mesh, config.eval_batch_size
     )
-    bank = logits.astype(config.bank_dtype)
+    # Sharded as a loaded bank is, so a fresh and a resumed student step
+    # compile to one program.
+    bank = jax.device_put(
+      logits.astype(config.bank_dtype), banks.data_sharding(mesh)
+    )
     host = np.asarray(multihost_utils.process_allgather(logits, tiled=True))
     valid = data.train_labels_by_id >= 0
     report = metrics_lib.classification_report(

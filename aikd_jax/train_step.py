@@ -133,12 +133,13 @@ def create_classifier_state(
 ) -> ClassifierState:
   """Initialises a classifier and its optimiser state (float32 params)."""
   variables = model.init(key, jnp.zeros((1,) + tuple(image_shape)), train=False)
-  return ClassifierState.create(
+  state = ClassifierState.create(
     apply_fn=model.apply,
     params=variables["params"],
     tx=tx,
     batch_stats=variables.get("batch_stats", {}),
   )
+  return state.replace(step=_step_zero())
 
 
 def create_discriminator_state(
@@ -148,9 +149,17 @@ def create_discriminator_state(
   key: jax.Array,
 ) -> flax_train_state.TrainState:
   params = discriminator.init(key, jnp.zeros((1, num_classes)))["params"]
-  return flax_train_state.TrainState.create(
+  state = flax_train_state.TrainState.create(
     apply_fn=discriminator.apply, params=params, tx=tx
   )
+  return state.replace(step=_step_zero())
+
+
+def _step_zero() -> jax.Array:
+  """A strongly typed int32 step counter, as a restored checkpoint has
+  (flax's is a weakly typed 0): fresh and resumed runs then compile to one
+  program, and a resumed run finds it in the compilation cache."""
+  return jnp.zeros((), jnp.int32)
 
 
 def augmentation_key(seed: int, step: jax.Array) -> jax.Array:

@@ -130,7 +130,7 @@ if [ "$SMOKE" = "1" ]; then
                  --steps_per_dispatch=1,4)
   PROFILE_ARGS=(--model=tiny_cnn --batch_sizes=32 --num_examples=2048
                 --steps=3 --dtype=float32)
-  START_ARGS=(--model=tiny_cnn)
+  START_ARGS=(--model=tiny_cnn --no_cache_off)
 else
   MODEL=preact_resnet18
   # ai_kd at the two ends: the small batch (dispatch) and the large
@@ -150,7 +150,7 @@ else
                  --repeats=5 --steps_per_dispatch=1,4,8,16)
   PROFILE_ARGS=(--model=preact_resnet18 --batch_sizes=128,2048 --steps=20
                 --dtype=bfloat16)
-  START_ARGS=(--model=preact_resnet18)
+  START_ARGS=(--model=preact_resnet18 --no_cache_off --timeout=100)
 fi
 
 # 1. The step: images/s, FLOPs per step, TFLOP/s and MFU (bfloat16).
@@ -182,8 +182,7 @@ if [ -n "${FASHION_MNIST_DIR:-}" ]; then
            --config.steps_per_dispatch="$LOOP_K"
            --config.checkpoint_every_minutes="$LOOP_MINUTES")
   if [ "$SMOKE" = "1" ]; then
-    FM_ARGS+=(--config.num_epochs=1 --config.image_size=16
-              --config.crop_padding=2)
+    FM_ARGS+=(--config.num_epochs=2 --config.model=tiny_cnn)
   else
     FM_ARGS+=(--config.compute_dtype=bfloat16)
   fi
@@ -200,10 +199,11 @@ else
 fi
 
 # 5. A second start: main.py again with the persistent compilation cache.
-run start_time 90 "$PY" benchmarks/start_time.py "${START_ARGS[@]}" \
+run start_time 100 "$PY" benchmarks/start_time.py "${START_ARGS[@]}" \
   --out="$RESULTS/start_time.json"
 # 6. What limits the step, from a device trace.
 run profile_step 70 "$PY" benchmarks/profile_step.py "${PROFILE_ARGS[@]}" \
+  --trace_dir="$RESULTS/traces" \
   --out="$RESULTS/profile_step.json"
 
 # 7. Tests on this backend.

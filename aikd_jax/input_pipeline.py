@@ -226,7 +226,10 @@ def start_test_logits(predict, variables, data, mesh, eval_batch_size: int):
     return streaming.predict_test(
       predict, variables, data, mesh, eval_batch_size // mesh.devices.size
     )
-  return predict(variables, data.test_images)
+  logits = predict(variables, data.test_images)
+  # Queued now, the copy follows the evaluation, not the steps queued next.
+  logits.copy_to_host_async()
+  return logits
 
 
 def read_test_logits(started, data) -> np.ndarray:

@@ -28,8 +28,9 @@ counts whole-prediction-bank copies in each compiled step.
 --steps_per_dispatch=1,4,8 also times each method with K steps per call of
 the jitted step (config.steps_per_dispatch; K = 1 is the plain step), all
 interleaved; --steps_per_run is rounded up to a multiple of every K. Each
-row prints the FLOPs of one step (XLA's cost analysis of the one-step
-program, counted once per batch size and method; the source is printed),
+row prints the FLOPs of one step (the convolutions and matrix products of
+the one-step program, common.step_flops, counted once per batch size and
+method; the source is printed),
 the achieved TFLOP/s and, where the device's dense bf16 peak is known
 (common.PEAK_BF16_TFLOPS: H100 SXM and H200 989, A100 312), the model FLOP
 utilisation against that peak, whatever the dtype; n/a otherwise (CPUs).

@@ -108,9 +108,9 @@ if [ "$SMOKE" != "1" ] && [ "$BACKEND" != "gpu" ]; then
   say "warning: JAX sees no GPU (backend=$BACKEND); the full settings will be slow here. Use SMOKE=1 on a CPU."
 fi
 
-# Settings of the proposed loop: steps per call and minutes between saves
+# The loop at the automatic K on a GPU and the CIFAR presets' save interval
 # (on a CPU the loop of K steps is far slower, so the smoke test uses 2).
-if [ "$SMOKE" = "1" ]; then LOOP_K=${LOOP_K:-2}; else LOOP_K=${LOOP_K:-8}; fi
+if [ "$SMOKE" = "1" ]; then LOOP_K=${LOOP_K:-2}; else LOOP_K=${LOOP_K:-16}; fi
 LOOP_MINUTES=${LOOP_MINUTES:-10}
 
 if [ "$SMOKE" = "1" ]; then

@@ -8,6 +8,7 @@ placed with `device_data.place_dataset`; nothing here reimplements the step.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import importlib.metadata
@@ -34,6 +35,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from aikd_jax import banks  # pylint: disable=g-import-not-at-top
 from aikd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from aikd_jax import device_data  # pylint: disable=g-import-not-at-top
+from aikd_jax import models  # pylint: disable=g-import-not-at-top
 from aikd_jax import run_config  # pylint: disable=g-import-not-at-top
 from aikd_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
 from aikd_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
@@ -112,6 +114,41 @@ def write_json(path: str | None, payload: Any) -> None:
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=2, default=str)
   os.replace(tmp, path)
+
+
+def add_step_flags(
+  parser: argparse.ArgumentParser, *, batch_sizes: str, dtype: str
+) -> None:
+  """The flags of the benchmarks that build steps with `build_step`."""
+  parser.add_argument(
+    "--batch_sizes",
+    default=batch_sizes,
+    help="global batch sizes, comma-separated",
+  )
+  parser.add_argument(
+    "--dtype",
+    default=dtype,
+    choices=("float32", "bfloat16"),
+    help="compute dtype (parameters stay float32)",
+  )
+  parser.add_argument(
+    "--bank_dtype", default="float32", choices=("float32", "bfloat16")
+  )
+  parser.add_argument(
+    "--model", default="preact_resnet18", choices=models.MODEL_NAMES
+  )
+  parser.add_argument(
+    "--image_size",
+    type=int,
+    default=32,
+    help="height and width of the synthetic images",
+  )
+  parser.add_argument(
+    "--num_examples",
+    type=int,
+    default=CIFAR_TRAIN,
+    help="synthetic training-set size (bank rows)",
+  )
 
 
 def int_list(text: str) -> list[int]:
@@ -405,16 +442,30 @@ def step_flops(bench: StepBench) -> tuple[float | None, str]:
   would count its body once. The shard_mapped program is per device, so
   its count is multiplied by the device count.
   """
-  fn = bench.single_step_fn or bench.step_fn
-  lowered = fn.lower(bench.state, bench.data)
+  lowered = lower_one_step(bench)
   devices = bench.state.prediction_bank.sharding.mesh.devices.size
-  for source, get in (
-    (
-      "convolutions and matrix products of the lowered step",
-      lambda: {"flops": matrix_flops(lowered.as_text())},
-    ),
-    ("XLA cost analysis of the lowered step", lowered.cost_analysis),
-    ("XLA cost analysis of the compiled step", lambda: _compiled(lowered)),
+  flops = matrix_flops(lowered.as_text())
+  if flops > 0:
+    return flops * devices, "convolutions and matrix products of the step"
+  flops, stage = xla_cost(lowered, "flops")
+  if flops is None:
+    return None, "unavailable"
+  return flops * devices, f"XLA cost analysis of the {stage} step"
+
+
+def lower_one_step(bench: StepBench):
+  """The one-step program, lowered (a loop program's body counts once)."""
+  fn = bench.single_step_fn or bench.step_fn
+  return fn.lower(bench.state, bench.data)
+
+
+def xla_cost(lowered, key: str) -> tuple[float | None, str]:
+  """XLA's cost analysis figure `key` of a lowered program, per device:
+  of the lowered HLO if it answers, else of the compiled program; with
+  "lowered" or "compiled" (None where neither has it)."""
+  for stage, get in (
+    ("lowered", lowered.cost_analysis),
+    ("compiled", lambda: _compiled(lowered)),
   ):
     try:
       analysis = get()
@@ -422,9 +473,9 @@ def step_flops(bench: StepBench) -> tuple[float | None, str]:
       continue
     if isinstance(analysis, (list, tuple)):
       analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    if flops and flops > 0:
-      return float(flops) * devices, source
+    value = (analysis or {}).get(key)
+    if value and value > 0:
+      return float(value), stage
   return None, "unavailable"
 
 

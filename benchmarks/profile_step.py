@@ -69,7 +69,6 @@ import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from aikd_jax import banks  # pylint: disable=g-import-not-at-top,wrong-import-position
-from aikd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # HBM bandwidth in TB/s per device, by a substring of device_kind, beside
 # common.PEAK_BF16_TFLOPS (989 dense bf16 TFLOP/s for both): the ridge point
@@ -110,36 +109,8 @@ def hbm_tb_per_s(device_kind: str) -> float | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument(
-    "--batch_sizes",
-    default="128,2048",
-    help="global batch sizes, comma-separated",
-  )
+  common.add_step_flags(parser, batch_sizes="128,2048", dtype="bfloat16")
   parser.add_argument("--method", default="ai_kd", help="objective preset")
-  parser.add_argument(
-    "--dtype",
-    default="bfloat16",
-    choices=("float32", "bfloat16"),
-    help="compute dtype (parameters stay float32)",
-  )
-  parser.add_argument(
-    "--bank_dtype", default="float32", choices=("float32", "bfloat16")
-  )
-  parser.add_argument(
-    "--model", default="preact_resnet18", choices=models.MODEL_NAMES
-  )
-  parser.add_argument(
-    "--image_size",
-    type=int,
-    default=32,
-    help="height and width of the synthetic images",
-  )
-  parser.add_argument(
-    "--num_examples",
-    type=int,
-    default=common.CIFAR_TRAIN,
-    help="synthetic training-set size (bank rows)",
-  )
   parser.add_argument(
     "--steps", type=int, default=20, help="consecutive steps traced"
   )
@@ -362,23 +333,16 @@ def host_xla_events(events, processes):
 
 def step_bytes(bench: common.StepBench) -> tuple[float | None, str]:
   """Bytes accessed by one step over all devices (XLA cost analysis)."""
-  fn = bench.single_step_fn or bench.step_fn
-  lowered = fn.lower(bench.state, bench.data)
+  lowered = common.lower_one_step(bench)
   devices = bench.state.prediction_bank.sharding.mesh.devices.size
-  for source, get in (
-    ("lowered step, before fusion", lowered.cost_analysis),
-    ("compiled step", lambda: lowered.compile().cost_analysis()),
-  ):
-    try:
-      analysis = get()
-    except Exception:  # pylint: disable=broad-except
-      continue
-    if isinstance(analysis, (list, tuple)):
-      analysis = analysis[0] if analysis else None
-    value = (analysis or {}).get("bytes accessed")
-    if value and value > 0:
-      return float(value) * devices, source
-  return None, "unavailable"
+  value, stage = common.xla_cost(lowered, "bytes accessed")
+  if value is None:
+    return None, "unavailable"
+  label = {
+    "lowered": "lowered step, before fusion",
+    "compiled": "compiled step",
+  }
+  return value * devices, label[stage]
 
 
 def kernel_figures(kernels, steps: int, wall_s: float | None) -> dict:

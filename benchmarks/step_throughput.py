@@ -47,7 +47,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from aikd_jax import banks  # pylint: disable=g-import-not-at-top,wrong-import-position
-from aikd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # ce and ai_kd first, so that the ratio is known early if a run is cut short.
 DEFAULT_METHODS = "ce,ai_kd,ps_kd,ai_kd_online"
@@ -59,39 +58,11 @@ def _count(value) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument(
-    "--batch_sizes",
-    default="128,512",
-    help="global batch sizes, comma-separated",
-  )
+  common.add_step_flags(parser, batch_sizes="128,512", dtype="float32")
   parser.add_argument(
     "--methods",
     default=DEFAULT_METHODS,
     help="objective presets, comma-separated",
-  )
-  parser.add_argument(
-    "--dtype",
-    default="float32",
-    choices=("float32", "bfloat16"),
-    help="compute dtype (parameters stay float32)",
-  )
-  parser.add_argument(
-    "--bank_dtype", default="float32", choices=("float32", "bfloat16")
-  )
-  parser.add_argument(
-    "--model", default="preact_resnet18", choices=models.MODEL_NAMES
-  )
-  parser.add_argument(
-    "--image_size",
-    type=int,
-    default=32,
-    help="height and width of the synthetic images",
-  )
-  parser.add_argument(
-    "--num_examples",
-    type=int,
-    default=common.CIFAR_TRAIN,
-    help="synthetic training-set size (bank rows)",
   )
   parser.add_argument(
     "--steps_per_run",

@@ -90,7 +90,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
   print(
     f"student ({results['method']}): last epoch top-1 error "
     f"{last['top1_err']:.2f}%, best {best['top1_err']:.2f}% "
-    f"(epoch {best['epoch']}). Results: {workdir}/student/results.json",
+    f"(epoch {best['epoch'] + 1}/{results['num_epochs']}). Results: "
+    f"{workdir}/student/results.json",
     flush=True,
   )
   return 0

@@ -59,6 +59,9 @@ def test_digits_demo_runs_three_stages_and_student_learns(digits_run):
     assert np.isfinite(train[name]), name
   assert 0.0 <= train["train/disc_real_acc"] <= 1.0
   assert "student (ai_kd): last epoch top-1 error" in proc.stdout
+  # Epochs are counted from 1 on the console, as in the per-epoch lines.
+  best_epoch = student["best"]["epoch"] + 1
+  assert f"(epoch {best_epoch}/30). Results:" in proc.stdout
 
 
 def test_digits_demo_writes_tensorboard_events(digits_run):

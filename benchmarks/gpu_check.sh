@@ -234,7 +234,7 @@ run compare_frameworks 150 "$PY" benchmarks/compare_frameworks.py \
 
 say ""
 say "== summary ($(($(date +%s) - START))s in all, model $MODEL)"
-SUMMARY=$(grep -E "ratio:|speedup|FLOPs per step|bf16 peak|projected|images/s \(|full-bank copies|limit at|^profile:|^start:|second start|passed|failed|rror|TIMED OUT|FAILED|SKIPPED|skipp|missing|^\| (CE|PS-KD|AI-KD) " "$LOG" | grep -v "^== summary")
+SUMMARY=$(grep -E "ratio:|speedup|FLOPs per step|bf16 peak|projected|images/s \(|full-bank copies|limit at|^profile:|^start:|second start|resume start|passed|failed|rror|TIMED OUT|FAILED|SKIPPED|skipp|missing|^\| (CE|PS-KD|AI-KD) " "$LOG" | grep -v "^== summary")
 say "$SUMMARY"
 say ""
 say "results: $LOG (all printed figures), $ERR (stderr), JSON: $(ls "$RESULTS"/*.json 2>/dev/null | tr '\n' ' ')"

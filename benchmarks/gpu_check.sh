@@ -206,6 +206,12 @@ run profile_step 70 "$PY" benchmarks/profile_step.py "${PROFILE_ARGS[@]}" \
   --trace_dir="$RESULTS/traces" \
   --out="$RESULTS/profile_step.json"
 
+# Where the loop's device time goes: one epoch at the settings above, traced
+# (its timings are slowed by the trace; the untraced ones are above).
+run loop_trace 60 "$PY" benchmarks/loop_overhead.py "${LOOP_ARGS[@]}" \
+  --steps_per_dispatch="$LOOP_K" --checkpoint_every_minutes="$LOOP_MINUTES" \
+  --trace_dir="$RESULTS/loop_trace" --out="$RESULTS/loop_trace.json"
+
 # 7. Tests on this backend.
 TESTS=()
 for f in tests/test_steps_per_dispatch.py tests/test_train_step.py \
@@ -234,7 +240,7 @@ run compare_frameworks 150 "$PY" benchmarks/compare_frameworks.py \
 
 say ""
 say "== summary ($(($(date +%s) - START))s in all, model $MODEL)"
-SUMMARY=$(grep -E "ratio:|speedup|FLOPs per step|bf16 peak|projected|images/s \(|full-bank copies|limit at|^profile:|^start:|second start|resume start|passed|failed|rror|TIMED OUT|FAILED|SKIPPED|skipp|missing|^\| (CE|PS-KD|AI-KD) " "$LOG" | grep -v "^== summary")
+SUMMARY=$(grep -E "ratio:|speedup|FLOPs per step|bf16 peak|projected|images/s \(|full-bank copies|limit at|^profile:|^loop trace|^loop phases|^start:|second start|resume start|passed|failed|rror|TIMED OUT|FAILED|SKIPPED|skipp|missing|^\| (CE|PS-KD|AI-KD) " "$LOG" | grep -v "^== summary")
 say "$SUMMARY"
 say ""
 say "results: $LOG (all printed figures), $ERR (stderr), JSON: $(ls "$RESULTS"/*.json 2>/dev/null | tr '\n' ' ')"

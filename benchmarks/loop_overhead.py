@@ -73,17 +73,28 @@ from aikd_jax.preemption import SignalFlag  # pylint: disable=g-import-not-at-to
 
 class PhaseLog:
   """`train_stage`'s time_phase hook: per phase, (start, end, compilations
-  counted by the end) of every time the loop entered it."""
+  counted by the end) of every time the loop entered it.
 
-  def __init__(self, counter: common.CompileCounter):
+  With `trace_dir`, a device trace (jax.profiler) covers epoch 2's window:
+  from the end of epoch 1's last metric read to the end of epoch 2's.
+  """
+
+  def __init__(self, counter: common.CompileCounter, trace_dir: str = ""):
     self.counter = counter
     self.events = {"eval": [], "log": [], "epoch_end": [], "checkpoint": []}
+    self.trace_dir = trace_dir
 
   @contextlib.contextmanager
   def __call__(self, phase: str):
     start = time.perf_counter()
     yield
     self.events[phase].append((start, time.perf_counter(), self.counter.count))
+    if self.trace_dir and phase == "epoch_end":
+      ended = len(self.events["epoch_end"])
+      if ended == 2:
+        jax.profiler.start_trace(self.trace_dir)
+      elif ended == 3:
+        jax.profiler.stop_trace()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -140,6 +151,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="the loop's config.checkpoint_every_minutes (0: a save after "
     "every epoch; e.g. 1e9: only the stage's last)",
   )
+  parser.add_argument(
+    "--trace_dir",
+    default="",
+    help="trace epoch 2's window with jax.profiler into this folder and "
+    "print the device's busy time and longest idle gaps in it",
+  )
   parser.add_argument("--out", default="", help="JSON file for the figures")
   return parser.parse_args(argv)
 
@@ -170,6 +187,60 @@ def projected_pipeline_s(
   return 2 * stage + logits * num_examples / num_test
 
 
+def _trace_figures(trace_dir: str, window: tuple, events: dict) -> dict:
+  """Prints the device's busy time and idle gaps in the traced window, and
+  where the loop's own phases fell in it (both as offsets from its start;
+  the trace starts as the window does)."""
+  import profile_step  # pylint: disable=g-import-not-at-top
+
+  lo, hi = window
+  phases = {
+    name: [
+      (round(1e3 * (a - lo)), round(1e3 * (b - lo)))
+      for a, b, _ in spans
+      if lo <= a < hi
+    ]
+    for name, spans in events.items()
+  }
+  path = profile_step.find_trace(trace_dir)
+  kernels = []
+  if path:
+    trace_events, processes, threads = profile_step.load_trace(path)
+    kernels, _ = profile_step.device_events(trace_events, processes, threads)
+  phase_text = "; ".join(
+    f"{name} " + ", ".join(f"{a}-{b}" for a, b in spans)
+    for name, spans in phases.items()
+    if spans
+  )
+  if not kernels:
+    print(f"loop trace: no device kernel events in {path or trace_dir}")
+    return {"trace_file": path, "phases_ms": phases}
+  kernels.sort(key=lambda e: e["ts"])
+  first = kernels[0]["ts"]
+  gaps, reached = [], first
+  for e in kernels:
+    if e["ts"] > reached:
+      gaps.append(((reached - first) / 1e3, (e["ts"] - reached) / 1e3))
+    reached = max(reached, e["ts"] + e["dur"])
+  gaps.sort(key=lambda g: -g[1])
+  busy = profile_step.union_us(kernels) / 1e6
+  print(
+    f"loop trace (epoch 2's window, {hi - lo:.3f} s): device busy "
+    f"{busy:.3f} s ({100 * busy / (hi - lo):.0f}%), {len(kernels)} kernels; "
+    "longest idle gaps (ms from the first kernel: length): "
+    + ", ".join(f"{at:.0f}: {length:.1f}" for at, length in gaps[:8])
+  )
+  print(f"loop phases in that window (ms from its start): {phase_text}")
+  return {
+    "trace_file": path,
+    "window_s": hi - lo,
+    "device_busy_s": busy,
+    "kernels": len(kernels),
+    "idle_gaps_ms": gaps[:20],
+    "phases_ms": phases,
+  }
+
+
 def _config(args):
   config = common.benchmark_config(
     args.method,
@@ -191,6 +262,8 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if args.epochs < 2:
     raise SystemExit("--epochs must be at least 2 (the last one is timed).")
+  if args.trace_dir and args.epochs < 3:
+    raise SystemExit("--trace_dir needs --epochs of at least 3.")
   config = _config(args)
   objective = run_config.validate(config)
   mesh = banks.data_mesh()
@@ -246,7 +319,7 @@ def main(argv=None) -> int:
     half = max(1, args.repeats // 2)
     epoch_runs = common.timed_runs(lambda: run_steps(steps_per_epoch), 0, half)
 
-    phases = PhaseLog(counter)
+    phases = PhaseLog(counter, args.trace_dir)
     compiles_before = counter.count
     loop_start = time.perf_counter()
     with SignalFlag() as signals:
@@ -349,6 +422,10 @@ def main(argv=None) -> int:
       args.project_epochs,
     ),
   }
+  if args.trace_dir:
+    figures["trace"] = _trace_figures(
+      args.trace_dir, (ends[1], ends[2]), events
+    )
   report["figures"] = figures
   print(
     f"steps per epoch: {steps_per_epoch} (batch {args.batch_size}); "

@@ -151,6 +151,17 @@ def add_step_flags(
   )
 
 
+def step_flag_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+  """`build_step`'s keyword arguments from `add_step_flags`' flags."""
+  return {
+    "model_name": args.model,
+    "compute_dtype": args.dtype,
+    "bank_dtype": args.bank_dtype,
+    "num_examples": args.num_examples,
+    "image_shape": (args.image_size, args.image_size, 3),
+  }
+
+
 def int_list(text: str) -> list[int]:
   return [int(x) for x in text.split(",") if x.strip()]
 

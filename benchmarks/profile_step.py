@@ -494,11 +494,7 @@ def profile_batch(args, mesh, batch: int, log_dir: str, peak, bandwidth):
     args.method,
     mesh=mesh,
     batch_size=batch,
-    model_name=args.model,
-    compute_dtype=args.dtype,
-    bank_dtype=args.bank_dtype,
-    num_examples=args.num_examples,
-    image_shape=(args.image_size, args.image_size, 3),
+    **common.step_flag_kwargs(args),
   )
   fig.update(common.first_call(bench))
   jax.block_until_ready(bench.run(args.warmup))

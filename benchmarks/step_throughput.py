@@ -153,12 +153,8 @@ def main(argv=None) -> int:
         method,
         mesh=mesh,
         batch_size=batch,
-        model_name=args.model,
-        compute_dtype=args.dtype,
-        bank_dtype=args.bank_dtype,
-        num_examples=args.num_examples,
-        image_shape=(args.image_size, args.image_size, 3),
         steps_per_dispatch=k,
+        **common.step_flag_kwargs(args),
       )
       for k, method in runs
     ]

@@ -172,11 +172,7 @@ def train_stage(
     )
   # Several steps per call (dispatch.py): logs, signals and the divergence
   # check then act after the call that reaches their step.
-  per_call = dispatch.steps_per_call(
-    config.steps_per_dispatch,
-    isinstance(data, streaming.StreamedDataset),
-    jax.default_backend(),
-  )
+  per_call = _steps_per_call(config, data)
   step_fn = stage_lib.make_train_step(stage, mesh, per_call)
   predict = stage_lib.make_predict_fn(stage, data, mesh, config.eval_batch_size)
   # The console gets ConsoleReport's lines; TensorBoard every scalar.
@@ -320,6 +316,15 @@ def train_stage(
     checkpoints.close()
     writer.close()
   return state
+
+
+def _steps_per_call(config: ml_collections.ConfigDict, data) -> int:
+  """The run's steps per call of the jitted step (dispatch.py)."""
+  return dispatch.steps_per_call(
+    config.steps_per_dispatch,
+    isinstance(data, streaming.StreamedDataset),
+    jax.default_backend(),
+  )
 
 
 def _evaluate(
@@ -567,9 +572,7 @@ def train_and_evaluate(
       len(data.test_labels),
       data.num_classes,
       mesh.devices.size,
-      dispatch.steps_per_call(
-        config.steps_per_dispatch, streamed, jax.default_backend()
-      ),
+      _steps_per_call(config, data),
       " (automatic)" if config.steps_per_dispatch == dispatch.AUTO else "",
     )
     _check_progress(config, objective, data, workdir, teacher_only)

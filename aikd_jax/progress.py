@@ -5,8 +5,10 @@ epoch's means do not depend on when the host reads them; beside the sums,
 the largest value of each metric since the last read, and the first step at
 which any metric was not finite, with all of that step's values, so that a
 divergence can be reported whole. The host reads a few scalars per log
-interval. A checkpoint's `progress` item is `Progress.saved()`: what a
-resumed run needs to go on bit for bit.
+interval, and asks for them before it waits for them (`request_read`,
+`finish_read`), so the loop can queue more steps in between. A
+checkpoint's `progress` item is `Progress.saved()`: what a resumed run
+needs to go on bit for bit.
 
 `ConsoleReport` turns what the host reads into the console's lines: one per
 log interval, one per epoch, and the compilation of the train step.
@@ -110,6 +112,8 @@ class Progress:
     epoch_peaks: the epoch's largest PEAK_METRICS values as last read.
     totals: the running totals on device (`accumulate`); None before the
       epoch's first step.
+    pending: the totals `request_read` asked for, with the step they reach
+      and whether they end the epoch, until `finish_read`.
   """
 
   history: list[dict] = dataclasses.field(default_factory=list)
@@ -117,6 +121,7 @@ class Progress:
   epoch_steps: int = 0
   epoch_peaks: dict[str, float] = dataclasses.field(default_factory=dict)
   totals: dict | None = None
+  pending: tuple[dict | None, int, bool] | None = None
 
   @classmethod
   def restore(cls, saved: dict, mesh: jax.sharding.Mesh) -> Progress:
@@ -143,6 +148,7 @@ class Progress:
 
   def saved(self) -> dict:
     """The checkpoint's `progress` item (JSON)."""
+    assert self.pending is None, "finish_read before saving"
     return {
       "history": self.history,
       "epoch_sums": self.epoch_sums,
@@ -165,16 +171,47 @@ class Progress:
       self.totals, stacked, np.int32(first_step), np.int32(num_steps)
     )
 
-  def read(self, steps_in_epoch: int) -> dict[str, float] | None:
-    """Reads the totals after the epoch's `steps_in_epoch`-th step.
+  def request_read(self, steps_in_epoch: int, ends_epoch: bool) -> None:
+    """Asks for the totals after the epoch's `steps_in_epoch`-th step,
+    without waiting for them: `finish_read` reads them later, so the device
+    can run the steps dispatched in between while the host waits.
 
-    Returns the means of the steps since the last read and the peaks of
-    PEAK_METRICS over them (None if nothing is new), and resets the peaks.
-    Raises NonFiniteStep if a step of the epoch had a non-finite metric.
+    Nothing is asked if no step was added since the last request. With
+    `ends_epoch`, the next step added starts the next epoch's totals.
     """
-    if self.totals is None or steps_in_epoch == self.epoch_steps:
-      return None
-    fetched = jax.device_get(self.totals)
+    assert self.pending is None, "finish_read the previous request first"
+    if self.totals is not None and steps_in_epoch != self.epoch_steps:
+      self.pending = (self.totals, steps_in_epoch, ends_epoch)
+      self.totals = None if ends_epoch else reset_peaks(self.totals)
+    elif ends_epoch:
+      self.pending, self.totals = (None, steps_in_epoch, ends_epoch), None
+
+  def finish_read(self) -> tuple[dict[str, float] | None, dict | None]:
+    """Reads what `request_read` asked for (waiting if need be).
+
+    Returns:
+      (scalars, closed): the means of the steps since the previous read and
+      the peaks of PEAK_METRICS over them (None if nothing was asked), and,
+      for a read that ends the epoch, the epoch's train means and peaks for
+      `record_epoch` (else None).
+    Raises:
+      NonFiniteStep if a step of the epoch had a non-finite metric.
+    """
+    if self.pending is None:
+      return None, None
+    totals, steps_in_epoch, ends_epoch = self.pending
+    self.pending = None
+    scalars = None if totals is None else self._take(totals, steps_in_epoch)
+    return scalars, (self._close_epoch() if ends_epoch else None)
+
+  def read(self, steps_in_epoch: int) -> dict[str, float] | None:
+    """`request_read` and `finish_read` at once, within an epoch."""
+    self.request_read(steps_in_epoch, ends_epoch=False)
+    return self.finish_read()[0]
+
+  def _take(self, totals: dict, steps_in_epoch: int) -> dict[str, float]:
+    """The interval's means and peaks from fetched `totals`."""
+    fetched = jax.device_get(totals)
     if fetched["bad_step"] != NO_BAD_STEP:
       raise NonFiniteStep(
         int(fetched["bad_step"]),
@@ -194,17 +231,15 @@ class Progress:
     self.epoch_sums, self.epoch_steps = sums, steps_in_epoch
     for name, value in peaks.items():
       self.epoch_peaks[name] = max(value, self.epoch_peaks.get(name, -np.inf))
-    self.totals = reset_peaks(self.totals)
     return means | peaks
 
-  def close_epoch(self) -> dict[str, float]:
-    """Ends the epoch (read to its end): returns its train means and peaks
-    for `record_epoch`, and starts the next epoch's totals afresh."""
+  def _close_epoch(self) -> dict[str, float]:
+    """The epoch's train means and peaks, read to its end; the next
+    epoch's reads start afresh."""
     count = max(self.epoch_steps, 1)
     train = {k: v / count for k, v in self.epoch_sums.items()}
     train.update(self.epoch_peaks)
     self.epoch_sums, self.epoch_steps, self.epoch_peaks = {}, 0, {}
-    self.totals = None
     return train
 
   def record_epoch(

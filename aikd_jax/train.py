@@ -133,8 +133,10 @@ def train_stage(
     teacher: the pre-trained model, for an objective that uses one.
     time_phase: `time_phase(name)` is entered around each part of the loop
       other than the steps: "log" (reading the metric totals, the divergence
-      check, the scalars), "eval" (evaluation and the epoch's history entry)
-      and "checkpoint" (starting a save). For benchmarks.
+      check, the scalars), "epoch_end" (the same for the read that ends an
+      epoch, which waits for its last step), "eval" (evaluation and the
+      epoch's history entry) and "checkpoint" (starting a save). For
+      benchmarks.
     later_stages: (steps, epochs) of the training stages that will run after
       this one, for the whole run's ETA.
 
@@ -195,12 +197,45 @@ def train_stage(
     config.checkpoint_every_epochs, config.checkpoint_every_minutes
   )
 
-  # An epoch's evaluation is dispatched at its end and read at the next
-  # epoch's first metric read, while the device runs the steps queued
-  # before it, unless a checkpoint needs it first (a checkpoint's history
-  # holds every epoch before its step): with saves by time, the device
-  # seldom waits for the host between epochs.
+  # Reads lag one call behind the steps: a sync point (a log step, an
+  # epoch's end) asks for the metric totals, and they are read after the
+  # next call is dispatched, so the device runs that call while the host
+  # reads, logs and starts the next epoch. An epoch's evaluation is
+  # dispatched at its end and read at the next epoch's first sync point.
+  # A save or a stop reads both first (a checkpoint's history holds every
+  # epoch before its step): with saves by time, the device seldom waits
+  # for the host.
+  asked: list[tuple[int, int]] = []  # (step, epoch) of the read asked for
+  started_evaluations: dict[int, object] = {}  # epoch -> its test logits
   unread: list[tuple] = []  # (epoch, step, train means, started logits)
+
+  def finish_read(saving: bool = False) -> None:
+    if not asked:
+      return
+    at_step, epoch = asked.pop()
+    ends_epoch = at_step == (epoch + 1) * steps_per_epoch
+    with time_phase("epoch_end" if ends_epoch else "log"):
+      try:
+        scalars, closed = progress.finish_read()
+      except NonFiniteStep as bad:
+        raise NonFiniteLossError(
+          divergence_message(
+            stage.name,
+            bad.step,
+            steps_per_epoch,
+            bad.values,
+            stage.objective,
+            config,
+          )
+        ) from None
+      if scalars is not None:
+        rates = console.interval(at_step, scalars)
+        writer.write_scalars(at_step, scalars | rates)
+    if closed is not None:
+      if not saving:
+        console.steps_ended()
+      started = started_evaluations.pop(epoch)
+      unread.append((epoch, at_step, closed, started))
 
   def read_evaluation(overlapped: bool) -> None:
     if not unread:
@@ -226,12 +261,14 @@ def train_stage(
     console.end_epoch(epoch, test)
 
   def save(step: int) -> None:
+    finish_read(saving=True)
     read_evaluation(overlapped=False)
     policy.saved()
     with time_phase("checkpoint"), console.excluded("checkpoint"):
       checkpoints.save(step, state, progress.saved())
 
   def stop_here(step: int) -> None:
+    finish_read(saving=True)
     if checkpoints.latest_step() != step:
       save(step)
     checkpoints.wait()
@@ -266,44 +303,28 @@ def train_stage(
         if first:
           jax.block_until_ready(metrics)
           console.compiled(step)
+        finish_read()
         sync_point = step == epoch_end or dispatch.crossed(
           before, step, config.log_every_steps
         )
         stop = signals.stop_agreed(sync_point)
         if sync_point or stop:
           read_evaluation(overlapped=True)
-          # The read at an epoch's end waits for all its steps.
-          with time_phase("epoch_end" if step == epoch_end else "log"):
-            try:
-              scalars = progress.read(step - epoch_start)
-            except NonFiniteStep as bad:
-              raise NonFiniteLossError(
-                divergence_message(
-                  stage.name,
-                  bad.step,
-                  steps_per_epoch,
-                  bad.values,
-                  stage.objective,
-                  config,
-                )
-              ) from None
-            if scalars is not None:
-              rates = console.interval(step, scalars)
-              writer.write_scalars(step, scalars | rates)
+          progress.request_read(step - epoch_start, step == epoch_end)
+          asked.append((step, epoch))
           if not stop and step < epoch_end and policy.at_log_step():
             save(step)
         if stop and step < epoch_end:
           stop_here(step)
-      started = input_pipeline.start_test_logits(
+      started_evaluations[epoch] = input_pipeline.start_test_logits(
         predict, state.student.variables, data, mesh, config.eval_batch_size
       )
-      unread.append((epoch, step, progress.close_epoch(), started))
       if policy.at_epoch_end(epoch, step == total_steps):
         save(step)
-      else:
-        console.steps_ended()
       if stop and step < total_steps:
         stop_here(step)
+    finish_read()
+    read_evaluation(overlapped=False)
     checkpoints.wait()
     if (
       latest is None

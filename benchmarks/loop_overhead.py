@@ -27,8 +27,11 @@ the wall-clock interval of each and the compilations so far):
                 epoch k-1's evaluation (dispatched at its end and read
                 during epoch k's steps unless a save reads it first) and
                 checkpoint save (if due), all steps of epoch k (dispatch and
-                execution) and every metric read. Both ends are full device
-                syncs (an epoch's last read waits for all its steps).
+                execution) and every metric read. Each end waits for its
+                epoch's last step (the read is finished after the next
+                epoch's first call is queued, so the device has that call
+                to run meanwhile; the loop's windows all carry the same
+                one-call offset).
                 Median over k = 2 .. E-1 (E = --epochs, default 4; epoch 0
                 holds the compilations, epoch 1's window the first
                 checkpoint save); compilations inside are counted and

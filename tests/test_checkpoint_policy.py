@@ -3,7 +3,8 @@
 Fast: the policy's decisions against a fake clock. Slow: a short digits run
 that saves by time (at every log step and epoch end) ends bitwise equal to
 one that saves by epoch, and so does a rerun from one of its mid-epoch
-checkpoints.
+checkpoints; a run that saves only at its end reads each epoch's metrics
+and evaluation while the next steps run, and ends bitwise equal too.
 """
 
 import os
@@ -13,7 +14,9 @@ import e2e_util as u
 import pytest
 
 from aikd_jax import checkpointing
+from aikd_jax import progress as progress_lib
 from aikd_jax import run_config
+from aikd_jax import stage as stage_lib
 from aikd_jax import train
 from aikd_jax.checkpoint_policy import CheckpointPolicy
 from configs import digits
@@ -111,16 +114,60 @@ def test_saving_by_time_changes_nothing_and_resumes_bitwise(tmp_path):
   _assert_same(reference, u.final_student(by_time))
 
 
+def _record_reads(monkeypatch):
+  """Wraps each stage's train step; its `reads` get (steps into the epoch,
+  ends the epoch, calls of the step dispatched so far) at each metric read
+  the loop finishes. Returns the wrapped steps, one per stage."""
+  steps = []
+  make_train_step = stage_lib.make_train_step
+
+  def counting(*args, **kwargs):
+    step_fn = make_train_step(*args, **kwargs)
+
+    def counted(*call_args):
+      counted.calls += 1
+      return step_fn(*call_args)
+
+    counted.calls, counted.reads = 0, []
+    steps.append(counted)
+    return counted
+
+  finish_read = progress_lib.Progress.finish_read
+
+  def recording(self):
+    if self.pending is not None:
+      _, steps_in_epoch, ends_epoch = self.pending
+      steps[-1].reads.append((steps_in_epoch, ends_epoch, steps[-1].calls))
+    return finish_read(self)
+
+  monkeypatch.setattr(stage_lib, "make_train_step", counting)
+  monkeypatch.setattr(progress_lib.Progress, "finish_read", recording)
+  return steps
+
+
 @pytest.mark.slow  # two short runs
-def test_evaluations_read_during_the_next_epoch_change_nothing(tmp_path):
-  """Saving only at the stage's end lets each epoch's evaluation be read
-  while the next epoch's steps run; the history and the weights must be
-  those of a run that reads every evaluation at once (saving every epoch)."""
+def test_evaluations_read_during_the_next_epoch_change_nothing(
+  tmp_path, monkeypatch
+):
+  """Saving only at the stage's end lets each epoch's metrics and
+  evaluation be read while the next steps run; the history and the weights
+  must be those of a run that reads every evaluation at once (saving every
+  epoch)."""
   by_epoch = str(tmp_path / "by_epoch")
   train.train_and_evaluate(_config(0.0), by_epoch)
   at_end = str(tmp_path / "at_end")
+  steps = _record_reads(monkeypatch)
   train.train_and_evaluate(_config(1e9), at_end)
   assert checkpointing.saved_steps(_checkpoints(at_end)) == [44]
+  # Each read finished one call after its step (22 steps per epoch, a log
+  # step every 20): epoch 0's last after epoch 1's first call was queued.
+  # Only the stage's last read waits for the last step.
+  assert steps[-1].reads == [
+    (20, False, 21),
+    (22, True, 23),
+    (18, False, 41),
+    (22, True, 44),
+  ]
   reference, overlapped = u.final_student(by_epoch), u.final_student(at_end)
   _assert_same(reference, overlapped)
   history = overlapped[2]["history"]

@@ -1,7 +1,8 @@
 """The epoch loop with several steps per call (config.steps_per_dispatch).
 
 Fast: the metric totals of one call equal those of one `accumulate` per
-step, bit for bit (divergence detection by step included), and the workdir
+step, bit for bit (divergence detection by step included), a read finished
+after later steps were queued holds only the steps before it, and the workdir
 accepts a change of K between runs only where the result cannot change.
 Slow: short digits runs with K = 2 and K = 3, and one with K = 3 stopped at
 a step that is no multiple of 3 and resumed with K = 2, end bitwise equal.
@@ -61,6 +62,42 @@ def test_progress_add_steps_reports_the_first_bad_step():
   with pytest.raises(progress_lib.NonFiniteStep) as info:
     progress.read(9)
   assert info.value.step == 7
+
+
+def _step_metrics(value):
+  return {
+    "loss/student": np.float32(value),
+    "train/max_abs_logit": np.float32(value),
+  }
+
+
+def test_a_read_finished_later_sees_only_the_steps_before_it():
+  """The loop asks for a read, dispatches more steps, then finishes it:
+  the read must hold the steps before it, and the epoch's last read its
+  whole epoch, however many of the next steps were added meanwhile."""
+  progress = progress_lib.Progress()
+  for step, value in enumerate([1.0, 2.0, 3.0, 4.0]):
+    progress.add(_step_metrics(value), step)
+  progress.request_read(4, ends_epoch=False)
+  progress.add(_step_metrics(100.0), 4)
+  scalars, closed = progress.finish_read()
+  assert scalars == {"loss/student": 2.5, "train/max_abs_logit": 4.0}
+  assert closed is None
+  progress.add(_step_metrics(6.0), 5)
+  progress.request_read(6, ends_epoch=True)
+  # The next epoch's first step, added before the epoch's read finishes.
+  progress.add(_step_metrics(1000.0), 6)
+  scalars, closed = progress.finish_read()
+  assert scalars == {"loss/student": 53.0, "train/max_abs_logit": 100.0}
+  assert closed == {"loss/student": 116.0 / 6, "train/max_abs_logit": 100.0}
+  progress.request_read(1, ends_epoch=False)
+  assert progress.finish_read() == (
+    {"loss/student": 1000.0, "train/max_abs_logit": 1000.0},
+    None,
+  )
+  # Nothing new since the last read: nothing to ask for.
+  progress.request_read(1, ends_epoch=False)
+  assert progress.finish_read() == (None, None)
 
 
 def test_workdir_accepts_k_changes_that_keep_the_result(tmp_path):

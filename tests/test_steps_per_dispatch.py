@@ -4,11 +4,10 @@ The same two epochs (4 steps each) are run with K = 2 and 3 steps per call,
 grouped as the loop groups them (K = 3: a call of 3, then the epoch's last
 step alone, with the same program); parameters, BatchNorm statistics,
 optimiser states, the prediction bank and every step's metrics must agree
-bit for bit. Against K = 1 (the plain one-step program) they agree only to
-float rounding: XLA compiles a loop body differently from a top-level
-program (measured on CPU: state leaves differ in their last bits), so that
-comparison has a tolerance.
-"""
+bit for bit (on a CPU; to rounding on a GPU). Against K = 1 (the plain
+one-step program) they agree only to float rounding: XLA compiles a loop
+body differently from a top-level program (measured on CPU: state leaves
+differ in their last bits), so that comparison has a tolerance."""
 
 import re
 
@@ -66,6 +65,20 @@ def _run(mesh, layout, steps_per_dispatch, method, num_epochs=2):
   return tts.snapshot(carry), metrics, lengths
 
 
+def _assert_same_steps(a, b):
+  """Bit for bit on a CPU, where the README claims it. On a GPU each
+  compiled program picks its own convolution algorithms (an H200 run found
+  K = 2 and K = 4 one byte apart in the bank): there, to rounding."""
+  if jax.default_backend() == "cpu":
+    _assert_bitwise_equal(a, b)
+  else:
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
+      a,
+      b,
+    )
+
+
 def _assert_bitwise_equal(a, b):
   flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
   flat_b = jax.tree_util.tree_flatten_with_path(b)[0]
@@ -87,8 +100,8 @@ def test_any_k_above_one_gives_bitwise_the_same_steps(method):
   assert runs[2][2] == [2, 2, 2, 2]
   assert runs[3][2] == [3, 1, 3, 1]  # 4 is not a multiple of 3
   assert runs[3][0]["step"] == 8
-  _assert_bitwise_equal(runs[2][0], runs[3][0])
-  _assert_bitwise_equal(runs[2][1], runs[3][1])
+  _assert_same_steps(runs[2][0], runs[3][0])
+  _assert_same_steps(runs[2][1], runs[3][1])
   # Not vacuous: the metrics vary by step.
   assert len({float(m["loss/student"]) for m in runs[3][1]}) > 1
 

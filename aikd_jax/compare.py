@@ -11,7 +11,10 @@ DIR/teachers/seed{s}/teacher/checkpoints instead of training their own.
 Finally DIR/report/ gets the table and figures (aikd_jax/report.py).
 
 Every run keeps its own checkpoints and results, so rerunning the same
-command skips the finished runs and resumes the interrupted one.
+command skips the finished runs and resumes the interrupted one. DIR may be
+moved or copied between runs: a run that recorded its seed's teacher under
+DIR's old place takes it from the new one (a change its config_changes.json
+records).
 
 DIR holds config.json (the base config; every check of a resumed run applies
 to it), comparison.json (the latest command's methods and seeds: what the
@@ -144,6 +147,27 @@ def student_config(
   return result
 
 
+def moved_teachers(
+  config: ml_collections.ConfigDict, workdir: str, runs: Sequence[Run]
+) -> dict[str, list[str]]:
+  """Run folder -> [recorded, current] teacher_checkpoint, for the runs
+  whose recorded teacher is their seed's teacher of this comparison at the
+  place the comparison was moved (or copied) from: the same
+  teachers/seed{s}/teacher/checkpoints below another folder."""
+  moved = {}
+  for run in runs:
+    if not run.teacher:
+      continue
+    folder = os.path.join(workdir, run.workdir)
+    saved = run_config.saved_config(folder)
+    recorded = (saved or {}).get("teacher_checkpoint") or ""
+    current = student_config(config, run, workdir).teacher_checkpoint
+    tail = os.path.join(run.teacher, "teacher", train.CHECKPOINT_DIR)
+    if recorded != current and recorded.endswith(os.sep + tail):
+      moved[folder] = [recorded, current]
+  return moved
+
+
 def check_comparison(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -194,6 +218,7 @@ def check_comparison(
     cfg = teacher_config(config, seed)
     folder = os.path.join(workdir, path)
     notes += train.check_run_folder(cfg, folder, run_config.STUDENT_ONLY_FIELDS)
+  moved = moved_teachers(config, workdir, runs)
   for run in runs:
     cfg = student_config(config, run, workdir)
     folder = os.path.join(workdir, run.workdir)
@@ -201,7 +226,12 @@ def check_comparison(
     unchecked = copy.deepcopy(cfg)
     unchecked.teacher_checkpoint = ""
     run_config.validate(unchecked)
-    notes += train.check_run_folder(cfg, folder)
+    ignore = frozenset({"teacher_checkpoint"} if folder in moved else ())
+    notes += train.check_run_folder(cfg, folder, ignore)
+  notes += [
+    f"  {folder}: the comparison's teacher moved from {old!r} to {new!r}"
+    for folder, (old, new) in moved.items()
+  ]
   for note in notes:
     logging.warning("Config change accepted on resume:%s", note)
   return runs
@@ -214,9 +244,12 @@ def save_comparison(
   num_seeds: int,
   runs: Sequence[Run],
 ) -> None:
-  """Writes DIR/config.json and DIR/comparison.json (what report reads)."""
+  """Writes DIR/config.json and DIR/comparison.json (what report reads),
+  and records in each moved run's folder where its teacher is now."""
   os.makedirs(workdir, exist_ok=True)
   run_config.save(config, workdir)
+  for folder, change in moved_teachers(config, workdir, runs).items():
+    run_config.record_changes(folder, {"teacher_checkpoint": change})
   teachers = {str(r.seed_index): r.teacher for r in runs if r.teacher}
   payload = {
     "methods": list(methods),

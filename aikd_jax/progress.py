@@ -204,11 +204,6 @@ class Progress:
     scalars = None if totals is None else self._take(totals, steps_in_epoch)
     return scalars, (self._close_epoch() if ends_epoch else None)
 
-  def read(self, steps_in_epoch: int) -> dict[str, float] | None:
-    """`request_read` and `finish_read` at once, within an epoch."""
-    self.request_read(steps_in_epoch, ends_epoch=False)
-    return self.finish_read()[0]
-
   def _take(self, totals: dict, steps_in_epoch: int) -> dict[str, float]:
     """The interval's means and peaks from fetched `totals`."""
     fetched = jax.device_get(totals)

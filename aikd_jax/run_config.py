@@ -461,8 +461,12 @@ def save(config: ml_collections.ConfigDict, workdir: str) -> None:
     for field in sorted(set(saved) | set(current))
     if saved.get(field) != current.get(field)
   }
-  if not fields:
-    return
+  if fields:
+    record_changes(workdir, fields)
+
+
+def record_changes(workdir: str, fields: dict[str, list[Any]]) -> None:
+  """Appends one entry, {field: [old, new]}, to config_changes.json."""
   changes = _changes(workdir) + [
     {
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(

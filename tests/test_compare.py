@@ -225,6 +225,37 @@ def test_rerun_trains_nothing(comparison):
 
 
 @pytest.mark.slow
+def test_a_moved_comparison_resumes_with_its_teachers_new_place(
+  comparison, tmp_path
+):
+  original, _, _ = comparison
+  moved = str(tmp_path / "moved")
+  shutil.copytree(original, moved)
+  run_dir = os.path.join(moved, "runs", "ai_kd", "seed0")
+  # As if stopped after its last save, before its results file.
+  os.remove(os.path.join(run_dir, "student", "results.json"))
+  proc, _ = run_module("aikd_jax.compare", *compare_args(moved))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  assert "ai_kd seed0: training" in proc.stdout
+  assert "ai_kd seed1: skipped (finished)" in proc.stdout
+  for seed in range(SEEDS):
+    folder = os.path.join("runs", "ai_kd", f"seed{seed}")
+    place = os.path.join("teachers", f"seed{seed}", "teacher", "checkpoints")
+    changes = read_json(moved, folder, "config_changes.json")
+    assert changes[-1]["fields"] == {
+      "teacher_checkpoint": [
+        os.path.join(original, place),
+        os.path.join(moved, place),
+      ]
+    }
+  resumed, before = (
+    u.final_student(run_dir),
+    u.final_student(os.path.join(original, "runs", "ai_kd", "seed0")),
+  )
+  assert resumed[0] == before[0] and resumed[2] == before[2]
+
+
+@pytest.mark.slow
 def test_report_rebuilds_the_same_table_from_disk(comparison):
   workdir, _, _ = comparison
   report_dir = os.path.join(workdir, "report")

@@ -59,8 +59,9 @@ def test_progress_add_steps_reports_the_first_bad_step():
   progress = progress_lib.Progress()
   progress.add_steps(_stacked(bad_row=None), 0, 5)
   progress.add_steps(_stacked(bad_row=2), 5, 4)
+  progress.request_read(9, ends_epoch=False)
   with pytest.raises(progress_lib.NonFiniteStep) as info:
-    progress.read(9)
+    progress.finish_read()
   assert info.value.step == 7
 
 

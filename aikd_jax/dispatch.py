@@ -4,9 +4,10 @@ With `steps_per_dispatch` K > 1 one call runs K steps (train_step's
 `repeat_step`), which saves the host's launch cost per step on a fast
 device. A call never crosses an epoch's end (the step reads its epoch's
 batch order): an epoch's last call runs the steps left, fewer than K when
-steps_per_epoch is not a multiple of K, with the same compiled program (the
-trip count is an argument), so one program is compiled per stage wherever
-a run starts or resumes.
+steps_per_epoch is not a multiple of K. A call of K steps runs a program
+whose loop trip count XLA knows; a shorter one, a second program whose
+trip count is an argument (train_step.StepsPerCall), so at most two
+programs are compiled per stage wherever a run starts or resumes.
 
 K = 0 (the default) chooses: GPU_STEPS_PER_DISPATCH on a GPU with the
 training split on the devices, else 1. XLA's CPU backend runs the loop far

@@ -75,13 +75,19 @@ def accumulate_steps(
   """`accumulate` for the first `num_steps` rows of stacked metrics (one
   call of a several-steps-per-dispatch step), row i being step
   first_step + i: the same sums, peaks and first bad step as one call of
-  `accumulate` per step, in one dispatch."""
+  `accumulate` per step, in one dispatch. The loop runs over every row and
+  keeps the totals past `num_steps`, so its trip count is a constant (see
+  train_step.StepsPerCall)."""
 
   def body(i, totals):
     row = jax.tree.map(lambda v: v[i], stacked)
-    return accumulate(totals, row, first_step + i)
+    added = accumulate(totals, row, first_step + i)
+    return jax.tree.map(
+      lambda new, old: jnp.where(i < num_steps, new, old), added, totals
+    )
 
-  return jax.lax.fori_loop(0, num_steps, body, totals)
+  rows = jax.tree.leaves(stacked)[0].shape[0]
+  return jax.lax.fori_loop(0, rows, body, totals)
 
 
 @jax.jit

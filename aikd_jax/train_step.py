@@ -20,6 +20,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 import optax
 
 from aikd_jax import augment as augment_lib
@@ -359,15 +360,15 @@ def _local_train_step(
 def repeat_step(local_step: Callable, max_steps: int) -> Callable:
   """Up to `max_steps` consecutive calls of `local_step` as one loop.
 
-  Returns `run(state, data, num_steps)`: `num_steps` (a traced int32, at
-  most `max_steps`) iterations of a `lax.fori_loop`, each step's metrics
-  written to row i of buffers of `max_steps` rows (rows past `num_steps`
-  stay zero). The trip count is an argument, not a constant, so one
-  program runs a full call and an epoch's shorter last one, and XLA cannot
-  unroll or specialise the loop: every step of every call runs the same
-  compiled loop body, whatever `max_steps` is, which keeps the results of
-  different `max_steps` bitwise equal. The carry is the whole (donated)
-  state, so the bank is updated in place.
+  Returns `run(state, data, num_steps)`: `num_steps` (at most `max_steps`)
+  iterations of a `lax.fori_loop`, each step's metrics written to row i of
+  buffers of `max_steps` rows (rows past `num_steps` stay zero). The carry
+  is the whole (donated) state, so the bank is updated in place.
+  `num_steps` is the int `max_steps` itself (a full call: XLA knows the
+  trip count) or a traced int32 (a shorter call). Either way XLA compiles
+  the loop body alone, never unrolled, so every step of every call runs the
+  same body, whatever `max_steps` is, which keeps the results of different
+  `max_steps` bitwise equal (tests/test_steps_per_dispatch.py).
   """
 
   def run(state, data, num_steps):
@@ -389,6 +390,37 @@ def repeat_step(local_step: Callable, max_steps: int) -> Callable:
     return lax.fori_loop(0, num_steps, body, (state, buffers))
 
   return run
+
+
+class StepsPerCall:
+  """A train step of up to K steps per call: `step(state, data, num_steps)`.
+
+  A call of K steps runs a program whose loop has the constant trip count
+  K; a shorter call (an epoch's last when K does not divide it, the first
+  after some resumes) runs one whose trip count is an argument. XLA:GPU runs
+  a loop of unknown trip count by copying its condition to the host after
+  every iteration and blocking the host until the device is done (its
+  WhileThunk), so the host could never queue work ahead of the device; a
+  known trip count needs no such wait. Each program compiles on its first
+  call, so a run whose epochs K divides compiles one.
+  """
+
+  def __init__(self, full: Callable, partial: Callable, steps_per_call: int):
+    self.full, self.partial = full, partial
+    self.steps_per_call = steps_per_call
+
+  def _program(self, num_steps) -> tuple[Callable, tuple]:
+    if int(num_steps) == self.steps_per_call:
+      return self.full, ()
+    return self.partial, (np.int32(num_steps),)
+
+  def __call__(self, state, data, num_steps):
+    program, count = self._program(num_steps)
+    return program(state, data, *count)
+
+  def lower(self, state, data, num_steps):
+    program, count = self._program(num_steps)
+    return program.lower(state, data, *count)
 
 
 def make_train_step(
@@ -433,8 +465,6 @@ def make_train_step(
   )
   if wrap_local_step is not None:
     local = wrap_local_step(local)
-  if steps_per_dispatch > 1:
-    local = repeat_step(local, steps_per_dispatch)
   sharded = P(DATA_AXIS)
   state_spec = TrainState(
     student=P(), discriminator=P(), prediction_bank=sharded
@@ -449,25 +479,6 @@ def make_train_step(
     partner_rows=sharded,
     batch=sharded,
   )
-  num_steps_spec = (P(),) if steps_per_dispatch > 1 else ()
-  mapped = jax.shard_map(
-    local,
-    mesh=mesh,
-    in_specs=(state_spec, data_spec) + num_steps_spec,
-    out_specs=(state_spec, P()),
-  )
-
-  def step(state: TrainState, data: StepData, *num_steps):
-    if not objective.uses_teacher:
-      data = data.replace(teacher=None)
-    elif data.teacher is None:
-      raise ValueError(
-        "This objective reads a teacher: pass StepData(teacher=Teacher("
-        "logits=...)) for a precomputed teacher, or Teacher(variables=...)"
-        " and make_train_step(teacher_model=...) for an online one."
-      )
-    return mapped(state, data, *num_steps)
-
   # Explicit output shardings keep the state's shardings equal to its input
   # ones (on a 1-device mesh JAX would otherwise call the bank replicated),
   # so feeding the output back in never adds a second cache entry.
@@ -476,7 +487,38 @@ def make_train_step(
     (state_spec, P()),
     is_leaf=lambda x: isinstance(x, P),
   )
-  return jax.jit(step, donate_argnums=(0,), out_shardings=shardings)
+
+  def jitted(local_fn: Callable, counted: bool):
+    mapped = jax.shard_map(
+      local_fn,
+      mesh=mesh,
+      in_specs=(state_spec, data_spec) + ((P(),) if counted else ()),
+      out_specs=(state_spec, P()),
+    )
+
+    def step(state: TrainState, data: StepData, *num_steps):
+      if not objective.uses_teacher:
+        data = data.replace(teacher=None)
+      elif data.teacher is None:
+        raise ValueError(
+          "This objective reads a teacher: pass StepData(teacher=Teacher("
+          "logits=...)) for a precomputed teacher, or Teacher(variables=...)"
+          " and make_train_step(teacher_model=...) for an online one."
+        )
+      return mapped(state, data, *num_steps)
+
+    return jax.jit(step, donate_argnums=(0,), out_shardings=shardings)
+
+  if steps_per_dispatch == 1:
+    return jitted(local, counted=False)
+  run = repeat_step(local, steps_per_dispatch)
+  return StepsPerCall(
+    full=jitted(
+      lambda state, data: run(state, data, steps_per_dispatch), counted=False
+    ),
+    partial=jitted(run, counted=True),
+    steps_per_call=steps_per_dispatch,
+  )
 
 
 def make_predict_fn(

@@ -106,6 +106,32 @@ def test_any_k_above_one_gives_bitwise_the_same_steps(method):
   assert len({float(m["loss/student"]) for m in runs[3][1]}) > 1
 
 
+def test_a_full_call_has_a_trip_count_xla_knows():
+  """XLA:GPU reads an unknown trip count's loop condition back to the host
+  after every iteration; a full call of K steps must not have one."""
+  mesh = tts.one_device_mesh()
+  layout = banks.RowLayout(N, 1)
+  setup = tts.build_setup(
+    mesh,
+    layout,
+    tts.random_dataset(N, C, seed=3),
+    banks.example_ids(N, 0),
+    method="ps_kd",
+    per_device_batch=B,
+    steps_per_epoch=layout.steps_per_epoch(B),
+    num_epochs=2,
+    num_classes=C,
+    steps_per_dispatch=K,
+  )
+  data = setup.data(banks.epoch_order(layout, seed=0, epoch=0))
+  counts = {}
+  for n in (K, 1):
+    text = setup.step_fn.lower(setup.carry, data, n).compile().as_text()
+    counts[n] = set(re.findall(r'known_trip_count":\{"n":"(\d+)"', text))
+  assert str(K) in counts[K]
+  assert str(K) not in counts[1]
+
+
 def test_k_above_one_matches_one_step_per_call_to_rounding():
   mesh = tts.one_device_mesh()
   layout = banks.RowLayout(N, 1)

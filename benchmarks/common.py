@@ -345,6 +345,9 @@ class StepBench:
   # compiled) to count a step's FLOPs.
   steps_per_dispatch: int = 1
   single_step_fn: Callable | None = None
+  # K > 1: every call runs the program whose trip count is an argument (the
+  # loop's program for shorter calls), not the full calls' constant-K one.
+  argument_trip_count: bool = False
 
   def run(self, num_steps: int):
     k = self.steps_per_dispatch
@@ -352,12 +355,11 @@ class StepBench:
       for _ in range(num_steps):
         self.state, self.metrics = self.step_fn(self.state, self.data)
       return self.state, self.metrics
+    program = self.step_fn.partial if self.argument_trip_count else self.step_fn
     done = 0
     while done < num_steps:
       count = min(k, num_steps - done)
-      self.state, self.metrics = self.step_fn(
-        self.state, self.data, np.int32(count)
-      )
+      self.state, self.metrics = program(self.state, self.data, np.int32(count))
       done += count
     return self.state, self.metrics
 
@@ -376,6 +378,7 @@ def build_step(
   num_epochs: int = 300,
   seed: int = 0,
   steps_per_dispatch: int = 1,
+  argument_trip_count: bool = False,
 ) -> StepBench:
   """Builds `method`'s student stage as a run does, on synthetic data.
 
@@ -421,6 +424,7 @@ def build_step(
     steps_per_epoch=stage.steps_per_epoch,
     steps_per_dispatch=steps_per_dispatch,
     single_step_fn=single,
+    argument_trip_count=argument_trip_count,
   )
 
 
@@ -560,12 +564,13 @@ def matrix_flops(stablehlo: str) -> float:
 
 
 def first_call(bench: StepBench) -> dict[str, float]:
-  """Runs the first step (trace + compile + one step), blocked; its cost."""
+  """Runs the first call (trace + compile + one call: K steps, the
+  program the timed runs use), blocked; its cost."""
   counter = CompileCounter.get()
   before, seconds_before = counter.count, counter.seconds
   traces_before = counter.traces
   start = time.perf_counter()
-  jax.block_until_ready(bench.run(1))
+  jax.block_until_ready(bench.run(bench.steps_per_dispatch))
   return {
     "first_call_s": time.perf_counter() - start,
     "traces_in_first_call": counter.traces - traces_before,

@@ -127,7 +127,7 @@ if [ "$SMOKE" = "1" ]; then
             --steps_per_run=3 --warmup=1 --repeats=2)
   DISPATCH_ARGS=(--model=tiny_cnn --batch_sizes=32 --num_examples=1024
                  --steps_per_run=4 --warmup=1 --repeats=2
-                 --steps_per_dispatch=1,4)
+                 --steps_per_dispatch=1,4,4a)
   PROFILE_ARGS=(--model=tiny_cnn --batch_sizes=32 --num_examples=2048
                 --steps=3 --dtype=float32)
   START_ARGS=(--model=tiny_cnn --no_cache_off)
@@ -147,7 +147,7 @@ else
             --steps_per_run=10 --warmup=1 --repeats=5)
   DISPATCH_ARGS=(--model=preact_resnet18 --batch_sizes=128
                  --num_examples=50000 --steps_per_run=48 --warmup=1
-                 --repeats=5 --steps_per_dispatch=1,4,8,16)
+                 --repeats=5 --steps_per_dispatch=1,8,16,16a)
   PROFILE_ARGS=(--model=preact_resnet18 --batch_sizes=128,2048 --steps=20
                 --dtype=bfloat16)
   START_ARGS=(--model=preact_resnet18 --no_cache_off --timeout=100)
@@ -157,8 +157,10 @@ fi
 run step_throughput_bf16 110 "$PY" benchmarks/step_throughput.py \
   "${ST_ARGS[@]}" --dtype=bfloat16 --out="$RESULTS/step_throughput_bf16.json"
 # 2. Steps per call of the jitted step (config.steps_per_dispatch): ai_kd
-# at batch 128, K = 1, 4, 8, 16, interleaved. K = 1 is step_throughput's
-# program (a compilation-cache hit); each K > 1 compiles one loop program.
+# at batch 128, K = 1, 8, 16 and 16 with the loop's trip count an argument
+# (16a: every call as an epoch's shorter last one), interleaved. K = 1 is
+# step_throughput's program (a compilation-cache hit); each other entry
+# compiles one loop program.
 run step_dispatch 120 "$PY" benchmarks/step_throughput.py \
   "${DISPATCH_ARGS[@]}" --methods=ai_kd --dtype=bfloat16 \
   --out="$RESULTS/step_dispatch.json"

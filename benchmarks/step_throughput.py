@@ -27,7 +27,11 @@ counts whole-prediction-bank copies in each compiled step.
 
 --steps_per_dispatch=1,4,8 also times each method with K steps per call of
 the jitted step (config.steps_per_dispatch; K = 1 is the plain step), all
-interleaved; --steps_per_run is rounded up to a multiple of every K. Each
+interleaved; --steps_per_run is rounded up to a multiple of every K. A K
+written with an "a" (16a) runs every call with the program whose loop trip
+count is an argument, which the loop uses only for an epoch's shorter last
+call, instead of the full calls' constant-K one (train_step.StepsPerCall):
+16,16a compares the two. Each
 row prints the FLOPs of one step (the convolutions and matrix products of
 the one-step program, common.step_flops, counted once per batch size and
 method; the source is printed),
@@ -50,6 +54,11 @@ from aikd_jax import banks  # pylint: disable=g-import-not-at-top,wrong-import-p
 
 # ce and ai_kd first, so that the ratio is known early if a run is cut short.
 DEFAULT_METHODS = "ce,ai_kd,ps_kd,ai_kd_online"
+
+
+def _steps(dispatch: str) -> int:
+  """K of a --steps_per_dispatch entry: "16" and "16a" are 16."""
+  return int(dispatch.removesuffix("a"))
 
 
 def _count(value) -> str:
@@ -88,7 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument(
     "--steps_per_dispatch",
     default="1",
-    help="steps per call of the jitted step (K), comma-separated",
+    help="steps per call of the jitted step (K), comma-separated; Ka: "
+    "every call with the argument-trip-count program",
   )
   parser.add_argument(
     "--out", default="", help="write all figures to this JSON file"
@@ -113,9 +123,9 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   batch_sizes = common.int_list(args.batch_sizes)
   methods = common.str_list(args.methods)
-  dispatches = common.int_list(args.steps_per_dispatch)
+  dispatches = common.str_list(args.steps_per_dispatch)
   steps_per_run = args.steps_per_run
-  multiple = math.lcm(*dispatches)
+  multiple = math.lcm(*(_steps(k) for k in dispatches))
   steps_per_run = -(-steps_per_run // multiple) * multiple
   mesh = banks.data_mesh()
   report = common.print_header(
@@ -140,7 +150,7 @@ def main(argv=None) -> int:
   report["peak_bf16_tflops_per_device"] = peak
   report["results"] = []
   header = (
-    f"{'batch':>6} {'method':<13} {'teacher':<11} {'K':>2} {'step ms':>9} "
+    f"{'batch':>6} {'method':<13} {'teacher':<11} {'K':>3} {'step ms':>9} "
     f"{'images/s':>10} {'GFLOP/step':>10} {'TFLOP/s':>9} {'MFU':>6} "
     f"{'first call s':>12} {'retraces/recompiles':>19}"
   )
@@ -153,7 +163,8 @@ def main(argv=None) -> int:
         method,
         mesh=mesh,
         batch_size=batch,
-        steps_per_dispatch=k,
+        steps_per_dispatch=_steps(k),
+        argument_trip_count=k.endswith("a"),
         **common.step_flag_kwargs(args),
       )
       for k, method in runs
@@ -207,14 +218,15 @@ def main(argv=None) -> int:
         "batch_size": batch,
         "method": method,
         "teacher": teacher,
-        "steps_per_dispatch": k,
+        "steps_per_dispatch": _steps(k),
+        "trip_count": "argument" if k.endswith("a") else "constant",
         "dtype": args.dtype,
         "model": args.model,
         **figures,
       }
       report["results"].append(row)
       print(
-        f"{batch:>6} {method:<13} {teacher:<11} {k:>2} "
+        f"{batch:>6} {method:<13} {teacher:<11} {k:>3} "
         f"{1e3 * figures['step_s']:>9.2f} "
         f"{figures['images_per_s']:>10.1f} "
         f"{_flops_text(figures)} "

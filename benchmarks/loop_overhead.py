@@ -317,7 +317,9 @@ def main(argv=None) -> int:
           alone["state"], metrics = step_fn(alone["state"], step_data)
       return alone["state"], metrics
 
-    jax.block_until_ready(run_steps(1))  # compiles
+    # Compiles what an epoch runs: K > 1 has a program for full calls and
+    # one for a shorter last call.
+    jax.block_until_ready(run_steps(steps_per_epoch))
     steps_before = counter.count
     half = max(1, args.repeats // 2)
     epoch_runs = common.timed_runs(lambda: run_steps(steps_per_epoch), 0, half)

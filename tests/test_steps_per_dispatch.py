@@ -28,10 +28,8 @@ N, C, B = 64, 10, 16
 K = 3
 
 
-def _run(mesh, layout, steps_per_dispatch, method, num_epochs=2):
-  """Trains `num_epochs` epochs grouped as the loop groups them; returns the
-  final snapshot, each step's metrics and the call lengths used."""
-  build = lambda k: tts.build_setup(
+def _setup(mesh, layout, steps_per_dispatch, method="ps_kd", num_epochs=2):
+  return tts.build_setup(
     mesh,
     layout,
     tts.random_dataset(N, C, seed=3),
@@ -41,9 +39,14 @@ def _run(mesh, layout, steps_per_dispatch, method, num_epochs=2):
     steps_per_epoch=layout.steps_per_epoch(B // mesh.devices.size),
     num_epochs=num_epochs,
     num_classes=C,
-    steps_per_dispatch=k,
+    steps_per_dispatch=steps_per_dispatch,
   )
-  setup = build(steps_per_dispatch)
+
+
+def _run(mesh, layout, steps_per_dispatch, method, num_epochs=2):
+  """Trains `num_epochs` epochs grouped as the loop groups them; returns the
+  final snapshot, each step's metrics and the call lengths used."""
+  setup = _setup(mesh, layout, steps_per_dispatch, method, num_epochs)
   spe = setup.config.steps_per_epoch
   carry, metrics, lengths, step = setup.carry, [], [], 0
   for epoch in range(num_epochs):
@@ -109,20 +112,8 @@ def test_any_k_above_one_gives_bitwise_the_same_steps(method):
 def test_a_full_call_has_a_trip_count_xla_knows():
   """XLA:GPU reads an unknown trip count's loop condition back to the host
   after every iteration; a full call of K steps must not have one."""
-  mesh = tts.one_device_mesh()
   layout = banks.RowLayout(N, 1)
-  setup = tts.build_setup(
-    mesh,
-    layout,
-    tts.random_dataset(N, C, seed=3),
-    banks.example_ids(N, 0),
-    method="ps_kd",
-    per_device_batch=B,
-    steps_per_epoch=layout.steps_per_epoch(B),
-    num_epochs=2,
-    num_classes=C,
-    steps_per_dispatch=K,
-  )
+  setup = _setup(tts.one_device_mesh(), layout, K)
   data = setup.data(banks.epoch_order(layout, seed=0, epoch=0))
   counts = {}
   for n in (K, 1):
@@ -159,25 +150,14 @@ def test_k_steps_per_call_on_eight_devices(eight_devices):
   _assert_bitwise_equal(two_metrics, many_metrics)
 
 
-def test_scanned_step_updates_the_bank_in_place():
-  mesh = tts.one_device_mesh()
+@pytest.mark.parametrize("num_steps", [K, 1])  # Full and shorter calls.
+def test_scanned_step_updates_the_bank_in_place(num_steps):
   layout = banks.RowLayout(N, 1)
-  setup = tts.build_setup(
-    mesh,
-    layout,
-    tts.random_dataset(N, C, seed=3),
-    banks.example_ids(N, 0),
-    method="ps_kd",
-    per_device_batch=B,
-    steps_per_epoch=layout.steps_per_epoch(B),
-    num_epochs=2,
-    num_classes=C,
-    steps_per_dispatch=K,
-  )
+  setup = _setup(tts.one_device_mesh(), layout, K)
   data = setup.data(banks.epoch_order(layout, seed=0, epoch=0))
   bank = setup.carry.prediction_bank
   token = "f32[%s]" % ",".join(map(str, bank.shape))
-  text = setup.step_fn.lower(setup.carry, data, np.int32(K)).compile().as_text()
+  text = setup.step_fn.lower(setup.carry, data, num_steps).compile().as_text()
   copies = [
     line
     for line in text.splitlines()

@@ -173,7 +173,7 @@ def check_comparison(
   workdir: str,
   methods: Sequence[str],
   num_seeds: int,
-) -> list[Run]:
+) -> tuple[list[Run], dict[str, list[str]]]:
   """Every check that must pass before anything is trained or written.
 
   Validates the flags, the config, the data, and each existing teacher and
@@ -181,7 +181,8 @@ def check_comparison(
   fail on its last run's folder after hours of training.
 
   Returns:
-    The planned runs.
+    The planned runs, and the runs whose teacher moved with the comparison
+    (`moved_teachers`).
   Raises:
     run_config.ConfigError (and the other errors cli treats as the input's
     fault) naming what to change.
@@ -234,7 +235,7 @@ def check_comparison(
   ]
   for note in notes:
     logging.warning("Config change accepted on resume:%s", note)
-  return runs
+  return runs, moved
 
 
 def save_comparison(
@@ -243,12 +244,13 @@ def save_comparison(
   methods: Sequence[str],
   num_seeds: int,
   runs: Sequence[Run],
+  moved: dict[str, list[str]],
 ) -> None:
   """Writes DIR/config.json and DIR/comparison.json (what report reads),
   and records in each moved run's folder where its teacher is now."""
   os.makedirs(workdir, exist_ok=True)
   run_config.save(config, workdir)
-  for folder, change in moved_teachers(config, workdir, runs).items():
+  for folder, change in moved.items():
     run_config.record_changes(folder, {"teacher_checkpoint": change})
   teachers = {str(r.seed_index): r.teacher for r in runs if r.teacher}
   payload = {
@@ -333,8 +335,8 @@ def run_comparison(
   lock.acquire()
   accepted = False
   try:
-    runs = check_comparison(config, workdir, methods, num_seeds)
-    save_comparison(config, workdir, methods, num_seeds, runs)
+    runs, moved = check_comparison(config, workdir, methods, num_seeds)
+    save_comparison(config, workdir, methods, num_seeds, runs, moved)
     accepted = True
     return _train_and_report(config, workdir, runs)
   finally:
